@@ -1,0 +1,3 @@
+from imatdata.cli import main
+
+main()

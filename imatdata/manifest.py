@@ -1,0 +1,437 @@
+"""The manifest: one schema, an atomic sharded writer and a streaming reader.
+
+Every stage (fetch, clean, stats, imattrain) reads and writes Parquet through this module
+and nothing else, so the column contract of SPEC.md lives in exactly one place.
+This module must not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from imatdata.errors import UserError
+
+# --- schema -------------------------------------------------------------------------------
+
+STATUSES = (
+    "ok",
+    "http_error",
+    "timeout",
+    "connection_error",
+    "too_large",
+    "not_image",
+    "decode_error",
+    "blocked",
+    "opted_out",
+    "invalid",
+)
+
+DROP_REASONS = (
+    "fetch_failed",
+    "broken",
+    "undersized",
+    "bad_aspect",
+    "duplicate",
+    "near_duplicate",
+    "placeholder",
+    "leak",
+    "label_conflict",
+)
+
+RAW_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("label", pa.int32()),
+        pa.field("url", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("http_status", pa.int16()),
+        pa.field("attempts", pa.int8()),
+        pa.field("image", pa.binary()),
+        pa.field("image_format", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("orig_width", pa.int32()),
+        pa.field("orig_height", pa.int32()),
+        pa.field("orig_bytes", pa.int64()),
+        pa.field("sha256", pa.string()),
+        pa.field("fetched_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+CLEAN_SCHEMA = RAW_SCHEMA.append(pa.field("phash", pa.int64()))
+
+DROPPED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("label", pa.int32()),
+        pa.field("url", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+    ]
+)
+
+# Every column except the image bytes: what stats and planning code should read.
+METADATA_COLUMNS = [name for name in CLEAN_SCHEMA.names if name != "image"]
+
+SHARD_PATTERN = re.compile(r"^part-(\d{5})\.parquet$")
+DEFAULT_ROOT = "manifests"
+ROW_GROUP_MAX_BYTES = 128 * 1024 * 1024
+
+
+# --- layout -------------------------------------------------------------------------------
+
+
+def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """`--root`, else `$IMAT_ROOT`, else `./manifests`."""
+    if root is not None and str(root) != "":
+        return Path(root)
+    return Path(os.environ.get("IMAT_ROOT") or DEFAULT_ROOT)
+
+
+def stage_dir(root: Path, stage: str) -> Path:
+    return root / stage
+
+
+def split_dir(root: Path, stage: str, split: str) -> Path:
+    return root / stage / split
+
+
+def list_splits(stage_path: Path) -> list[str]:
+    """Split names under a stage folder (those holding at least one finished shard)."""
+    if not stage_path.is_dir():
+        return []
+    return sorted(p.name for p in stage_path.iterdir() if p.is_dir() and list_shards(p))
+
+
+def list_shards(split_path: Path) -> list[Path]:
+    """Finished shards of one split, in order. Temporary files are never listed."""
+    if not split_path.is_dir():
+        return []
+    return sorted(p for p in split_path.iterdir() if SHARD_PATTERN.match(p.name))
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+# --- atomic files ---------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes the rename durable; not available on Windows, where the
+    # rename itself is what we can rely on.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path_for(final: Path) -> Path:
+    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
+
+
+def commit_file(tmp: Path, final: Path) -> None:
+    """fsync `tmp` and rename it over `final`: readers see the old file or the new one, whole."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def write_table_atomic(table: pa.Table, final: Path, *, compression: str = "zstd",
+                       row_group_rows: int | None = None) -> None:
+    """Write one whole Parquet file under a temporary name and rename it when complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(final)
+    try:
+        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_rows)
+        commit_file(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(data: bytes, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(final)
+    try:
+        tmp.write_bytes(data)
+        commit_file(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove temporary files a crashed writer left behind (never a finished shard)."""
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+
+
+# --- writer -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardWriter:
+    """Writes rows into `folder/part-NNNNN.parquet`, each shard atomically.
+
+    Rows are buffered into row groups (at most `row_group_rows` rows or `row_group_bytes`
+    bytes, whichever comes first) and a shard is closed after `shard_rows` rows. A shard is
+    written to a temporary name, fsynced and renamed, so a crash never leaves a partial
+    file under a final name; shards finished before the crash stay intact.
+
+    Use as a context manager; `abort()` (or an exception inside the `with`) discards the
+    unfinished shard.
+    """
+
+    folder: Path
+    schema: pa.Schema = RAW_SCHEMA
+    shard_rows: int = 50_000
+    row_group_rows: int = 1024
+    row_group_bytes: int = 64 * 1024 * 1024
+    compression: str = "zstd"
+    start_index: int = 0
+    written: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.folder = Path(self.folder)
+        if self.row_group_bytes > ROW_GROUP_MAX_BYTES:
+            raise ValueError("row groups must stay under 128 MiB")
+        self._index = self.start_index
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+        self._shard_rows_written = 0
+        self.rows_written = 0
+
+    # public API
+
+    def write_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if rows:
+            self.write_batch(pa.RecordBatch.from_pylist(list(rows), schema=self.schema))
+
+    def write_batch(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if isinstance(batch, pa.Table):
+            for b in batch.to_batches():
+                self.write_batch(b)
+            return
+        if batch.schema != self.schema:
+            batch = _conform(batch, self.schema)
+        # Split large batches so a row group never exceeds its limits.
+        offset = 0
+        while offset < batch.num_rows:
+            room = self.row_group_rows - self._pending_rows
+            piece = batch.slice(offset, room)
+            offset += piece.num_rows
+            self._pending.append(piece)
+            self._pending_rows += piece.num_rows
+            self._pending_bytes += piece.nbytes
+            if self._pending_rows >= self.row_group_rows or self._pending_bytes >= self.row_group_bytes:
+                self._flush_row_group()
+
+    def close(self) -> list[Path]:
+        self._flush_row_group()
+        self._finish_shard()
+        return self.written
+
+    def abort(self) -> None:
+        self._pending.clear()
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+            self._writer = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # internals
+
+    def _flush_row_group(self) -> None:
+        if not self._pending:
+            return
+        table = pa.Table.from_batches(self._pending, schema=self.schema)
+        self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+        # A row group that would be too big in bytes is split further.
+        if table.nbytes > self.row_group_bytes and table.num_rows > 1:
+            half = table.num_rows // 2
+            for part in (table.slice(0, half), table.slice(half)):
+                self._write_row_group(part)
+        else:
+            self._write_row_group(table)
+
+    def _write_row_group(self, table: pa.Table) -> None:
+        if table.nbytes > self.row_group_bytes and table.num_rows > 1:
+            half = table.num_rows // 2
+            self._write_row_group(table.slice(0, half))
+            self._write_row_group(table.slice(half))
+            return
+        if self._writer is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._tmp = temp_path_for(self.folder / shard_name(self._index))
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=self.compression)
+        self._writer.write_table(table, row_group_size=table.num_rows)
+        self._shard_rows_written += table.num_rows
+        self.rows_written += table.num_rows
+        if self._shard_rows_written >= self.shard_rows:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        final = self.folder / shard_name(self._index)
+        assert self._tmp is not None
+        commit_file(self._tmp, final)
+        self._tmp = None
+        self.written.append(final)
+        self._index += 1
+        self._shard_rows_written = 0
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """Reorder/cast a batch to `schema`; missing nullable columns become nulls."""
+    arrays = []
+    for f in schema:
+        idx = batch.schema.get_field_index(f.name)
+        if idx < 0:
+            if not f.nullable:
+                raise ValueError(f"column {f.name!r} is required")
+            arrays.append(pa.nulls(batch.num_rows, f.type))
+        else:
+            arrays.append(batch.column(idx).cast(f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def write_split(folder: Path, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema,
+                **kwargs: Any) -> list[Path]:
+    """Replace the shards of one split with `batches`.
+
+    New shards are written beside the old ones under temporary names; only when all are
+    finished are old shards beyond the new count removed, so a crash mid-way leaves either
+    complete old shards or complete new ones under each final name.
+    """
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.staging")
+    if staging.exists():
+        _rmtree(staging)
+    with ShardWriter(staging, schema=schema, **kwargs) as writer:
+        for b in batches:
+            writer.write_batch(b)
+    produced = writer.written
+    if not produced:
+        # An empty split still gets one (empty) shard so readers see the split exists.
+        write_table_atomic(schema.empty_table(), staging / shard_name(0))
+        produced = [staging / shard_name(0)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in produced:
+        os.replace(p, folder / p.name)
+    _fsync_dir(folder)
+    keep = {p.name for p in produced}
+    for old in list_shards(folder):
+        if old.name not in keep:
+            old.unlink()
+    _rmtree(staging)
+    return [folder / name for name in sorted(keep)]
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- reader -----------------------------------------------------------------------------------
+
+
+def open_dataset(paths: Path | Sequence[Path]) -> ds.Dataset:
+    """A pyarrow dataset over a split folder, a stage folder (all splits) or explicit shards."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = Path(paths)
+        shards = list_shards(paths)
+        if not shards and paths.is_dir():
+            shards = [s for split in list_splits(paths) for s in list_shards(paths / split)]
+        if not shards:
+            raise UserError(f"no manifest shards under {paths}: run the stage that writes them first")
+    else:
+        shards = [Path(p) for p in paths]
+    return ds.dataset([str(s) for s in shards], format="parquet")
+
+
+def iter_batches(paths: Path | Sequence[Path], *, columns: Sequence[str] | None = None,
+                 filter: ds.Expression | None = None, batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
+    """Stream record batches with column selection and a row filter (pushed into Parquet)."""
+    dataset = open_dataset(paths)
+    yield from dataset.to_batches(columns=list(columns) if columns else None, filter=filter,
+                                  batch_size=batch_size)
+
+
+def read_table(paths: Path | Sequence[Path], *, columns: Sequence[str] | None = None,
+               filter: ds.Expression | None = None) -> pa.Table:
+    return open_dataset(paths).to_table(columns=list(columns) if columns else None, filter=filter)
+
+
+@dataclass(frozen=True)
+class RowGroupRef:
+    """One (file, row group): the unit of work for parallel readers such as the trainer."""
+
+    path: Path
+    row_group: int
+    num_rows: int
+
+
+def row_groups(paths: Path | Sequence[Path]) -> list[RowGroupRef]:
+    """Every row group of a split (or of explicit shards), in file order."""
+    if isinstance(paths, (str, os.PathLike)):
+        shards = list_shards(Path(paths))
+    else:
+        shards = [Path(p) for p in paths]
+    refs = []
+    for shard in shards:
+        meta = pq.ParquetFile(shard).metadata
+        for i in range(meta.num_row_groups):
+            refs.append(RowGroupRef(shard, i, meta.row_group(i).num_rows))
+    return refs
+
+
+def read_row_group(ref: RowGroupRef, columns: Sequence[str] | None = None) -> pa.Table:
+    with pq.ParquetFile(ref.path) as f:
+        return f.read_row_group(ref.row_group, columns=list(columns) if columns else None)
+
+
+def col(name: str) -> ds.Expression:
+    """A column reference for `filter=` (re-exported so callers need not import pyarrow.dataset)."""
+    return ds.field(name)

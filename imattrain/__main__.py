@@ -1,0 +1,3 @@
+from imattrain.cli import main
+
+main()
