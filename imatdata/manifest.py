@@ -242,13 +242,14 @@ class ShardWriter:
         # Split large batches so a row group never exceeds its limits.
         offset = 0
         while offset < batch.num_rows:
-            room = self.row_group_rows - self._pending_rows
-            piece = batch.slice(offset, room)
+            # A row group never straddles two shards, so a shard holds exactly shard_rows.
+            group_cap = min(self.row_group_rows, self.shard_rows - self._shard_rows_written)
+            piece = batch.slice(offset, group_cap - self._pending_rows)
             offset += piece.num_rows
             self._pending.append(piece)
             self._pending_rows += piece.num_rows
             self._pending_bytes += piece.nbytes
-            if self._pending_rows >= self.row_group_rows or self._pending_bytes >= self.row_group_bytes:
+            if self._pending_rows >= group_cap or self._pending_bytes >= self.row_group_bytes:
                 self._flush_row_group()
 
     def close(self) -> list[Path]:
@@ -284,15 +285,10 @@ class ShardWriter:
             return
         table = pa.Table.from_batches(self._pending, schema=self.schema)
         self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
-        # A row group that would be too big in bytes is split further.
-        if table.nbytes > self.row_group_bytes and table.num_rows > 1:
-            half = table.num_rows // 2
-            for part in (table.slice(0, half), table.slice(half)):
-                self._write_row_group(part)
-        else:
-            self._write_row_group(table)
+        self._write_row_group(table)
 
     def _write_row_group(self, table: pa.Table) -> None:
+        # A group too big in bytes is halved until it fits (one huge row stays as it is).
         if table.nbytes > self.row_group_bytes and table.num_rows > 1:
             half = table.num_rows // 2
             self._write_row_group(table.slice(0, half))
