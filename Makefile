@@ -17,7 +17,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m imatdata.demo
+	$(PY) scripts/demo.py
 
 clean-venv:
 	rm -rf $(VENV)
