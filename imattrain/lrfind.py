@@ -1,0 +1,184 @@
+"""Learning-rate range test (Smith 2015; the fastai "lr_find").
+
+The learning rate grows exponentially from `start_lr` to `end_lr` over `steps` optimiser
+steps on the real loader and model; the loss is smoothed with a bias-corrected
+exponential moving average, and the test stops early once the smoothed loss exceeds
+`diverge_factor` times its best value (or turns non-finite). Model and optimiser state
+(weights, BN statistics, momentum buffers) are restored afterwards, so a caller can go on
+training from exactly where it was.
+
+Suggested rate — the rule, documented because different tools pick differently:
+the learning rate where the smoothed loss falls fastest (the most negative slope of
+smoothed loss against log10(lr)), looked for between the first tenth of the curve (too
+noisy) and the minimum of the smoothed loss. When that region is too short to have a
+slope (the loss never went down), fall back to (lr at the minimum) / 10. Both figures are
+reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imatdata.errors import UserError
+from imatdata.manifest import write_bytes_atomic
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    steepest_lr: float | None = None
+    min_lr: float | None = None  # lr at the minimum of the smoothed loss
+    suggested_lr: float | None = None
+    rule: str = ""
+    diverged: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_schedule(start_lr: float, end_lr: float, steps: int) -> np.ndarray:
+    if not (start_lr > 0 and end_lr > start_lr):
+        raise UserError(f"lr-find needs 0 < --start-lr < --end-lr (got {start_lr} and {end_lr})")
+    if steps < 2:
+        raise UserError(f"lr-find needs --steps >= 2 (got {steps})")
+    return start_lr * (end_lr / start_lr) ** (np.arange(steps) / (steps - 1))
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float | None, float | None, float | None, str]:
+    """(steepest lr, min lr, suggested lr, rule used) — see the module doc."""
+    if not smoothed:
+        return None, None, None, "no points"
+    y = np.asarray(smoothed, dtype=np.float64)
+    x = np.log10(np.asarray(lrs, dtype=np.float64))
+    finite = np.isfinite(y)
+    if not finite.any():
+        return None, None, None, "no finite loss"
+    i_min = int(np.nanargmin(np.where(finite, y, np.nan)))
+    min_lr = float(lrs[i_min])
+    skip = max(1, len(y) // 10)
+    steepest = None
+    if i_min - skip >= 2:
+        seg_x, seg_y = x[skip:i_min + 1], y[skip:i_min + 1]
+        slope = np.gradient(seg_y, seg_x)
+        j = int(np.argmin(slope))
+        if slope[j] < 0:
+            steepest = float(10 ** seg_x[j])
+    if steepest is not None:
+        return steepest, min_lr, steepest, "steepest descent of the smoothed loss"
+    return None, min_lr, min_lr / 10, "minimum of the smoothed loss / 10"
+
+
+def _cycle(make_batches: Callable[[int], Iterable[Any]]) -> Iterator[Any]:
+    epoch = 0
+    while True:
+        empty = True
+        for batch in make_batches(epoch):
+            empty = False
+            yield batch
+        if empty:
+            raise UserError("lr-find: the training loader yielded no batches (is the train split empty?)")
+        epoch += 1
+
+
+def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                  make_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
+                  start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
+                  device: torch.device | str = "cpu", beta: float = 0.98, diverge_factor: float = 4.0,
+                  autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
+                  accumulate: int = 1) -> LRFindResult:
+    """Run the range test; `make_batches(epoch)` yields `(images, labels)` pairs and is called
+    again (next epoch) when one pass is too short for `steps`. Model and optimiser are restored."""
+    device = torch.device(device)
+    schedule = lr_schedule(start_lr, end_lr, steps)
+    model_state = copy.deepcopy(model.state_dict())
+    optim_state = copy.deepcopy(optimizer.state_dict())
+    was_training = model.training
+    result = LRFindResult()
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    avg, best = 0.0, math.inf
+    batches = _cycle(make_batches)
+    try:
+        model.train()
+        for i, lr in enumerate(schedule):
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr)
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(max(1, accumulate)):
+                images, labels = next(batches)
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                labels = labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    loss = loss_fn(model(images), labels) / max(1, accumulate)
+                scaler.scale(loss).backward()
+                total += float(loss.detach())
+            scaler.step(optimizer)
+            scaler.update()
+            avg = beta * avg + (1 - beta) * total
+            smooth = avg / (1 - beta ** (i + 1))
+            result.lrs.append(float(lr))
+            result.losses.append(total)
+            result.smoothed.append(smooth)
+            if not math.isfinite(smooth) or smooth > diverge_factor * best:
+                result.diverged = True
+                break
+            best = min(best, smooth)
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        optimizer.zero_grad(set_to_none=True)
+        model.train(was_training)
+    result.steepest_lr, result.min_lr, result.suggested_lr, result.rule = suggest(result.lrs, result.smoothed)
+    return result
+
+
+def plot_lr_find(result: LRFindResult, out: Path, title: str = "learning-rate range test") -> Path:
+    """Raw and smoothed loss against lr (log scale), the suggestion marked; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    try:
+        ax.plot(result.lrs, result.losses, color="0.75", lw=1, label="loss")
+        ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed loss")
+        if result.suggested_lr:
+            ax.axvline(result.suggested_lr, color="C3", ls="--",
+                       label=f"suggested {result.suggested_lr:.2e} ({result.rule})")
+        if result.min_lr:
+            ax.axvline(result.min_lr, color="C2", ls=":", label=f"minimum {result.min_lr:.2e}")
+        ax.set_xscale("log")
+        finite = [v for v in result.smoothed if math.isfinite(v)]
+        if finite:
+            # Keep the divergence spike from flattening the interesting part of the curve.
+            lo, first = min(finite), finite[0]
+            ax.set_ylim(lo - 0.05 * abs(lo), max(first, lo) * 1.5 + 1e-3)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("training loss")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    out = Path(out)
+    write_bytes_atomic(buf.getvalue(), out)
+    return out
