@@ -1,0 +1,327 @@
+"""Training configuration: one dataclass, readable from TOML and from flags (flags win).
+
+Every field is a `imattrain run` flag (the CLI is generated from the fields, so none is
+forgotten) and a key of `runs/NAME/config.toml`, which a later run can take back with
+`--config`. Values are checked in one place, `TrainConfig.validate`, so a bad value from a
+flag and from a file get the same one-line error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from imatdata.errors import UserError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "sgdr", "cyclic", "onecycle", "step", "constant")
+AUGMENTS = ("basic", "autoaugment", "randaugment", "trivialaugment", "none")
+SAMPLERS = ("instance", "sqrt", "balanced")
+LOSSES = ("ce", "focal", "class-balanced")
+AMPS = ("auto", "none", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+         group: str = "general") -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `asdict()` of it is saved in every checkpoint."""
+
+    # data and output
+    data: str | None = _opt(None, "Folder of clean shards holding the train and val splits "
+                                  "(default: <root>/clean).", group="data")
+    root: str | None = _opt(None, "Manifest root used to find --data (default: $IMAT_ROOT or "
+                                  "./manifests).", group="data")
+    out: str | None = _opt(None, "Run folder for config, metrics, checkpoints and curves "
+                                 "(default: runs/<model>-<timestamp>).", group="data")
+    train_split: str = _opt("train", "Split to train on.", group="data")
+    val_split: str = _opt("val", "Split to validate on ('' to skip validation).", group="data")
+    num_classes: int | None = _opt(None, "Number of classes (default: largest label in train "
+                                         "and val + 1).", group="data")
+    workers: int = _opt(2, "DataLoader worker processes per rank (0: load in the main "
+                           "process).", group="data")
+    prefetch: int = _opt(2, "Batches each worker prepares ahead.", group="data")
+    shuffle_buffer: int = _opt(2048, "Samples mixed across row groups by the shuffle buffer.",
+                               group="data")
+    gpu_decode: bool = _opt(False, "Decode JPEGs on the GPU in batches (nvjpeg); workers then "
+                                   "only read bytes. Needs CUDA.", group="data")
+
+    # model
+    model: str = _opt("resnet50", "torchvision (or timm, when installed) model name.",
+                      group="model")
+    pretrained: str | None = _opt(None, "Initial weights: a local state dict / checkpoint path, "
+                                        "or 'torchvision' for torchvision's weights.",
+                                  group="model")
+    image_size: int = _opt(224, "Training and evaluation crop size in pixels.", group="model")
+    eval_resize: int | None = _opt(None, "Evaluation resize of the shorter side before the "
+                                         "centre crop (default: image-size * 256/224).",
+                                   group="model")
+    channels_last: bool = _opt(False, "Use the channels_last memory format.", group="model")
+    compile: bool = _opt(False, "torch.compile the model.", group="model")
+
+    # augmentation
+    augment: str = _opt("basic", "Augmentation preset.", choices=AUGMENTS, group="augment")
+    crop_scale: float = _opt(0.35, "Smallest area fraction of RandomResizedCrop.",
+                             group="augment")
+    color_jitter: float = _opt(0.3, "Brightness/contrast/saturation jitter of the basic "
+                                    "preset (0: off).", group="augment")
+    rotation: float = _opt(10.0, "Largest random rotation in degrees of the basic preset.",
+                           group="augment")
+    hflip: float = _opt(0.5, "Probability of a horizontal flip.", group="augment")
+
+    # optimisation
+    epochs: int = _opt(10, "Training epochs.", group="optim")
+    batch_size: int = _opt(64, "Images per batch per rank.", group="optim")
+    grad_accum: int = _opt(1, "Batches accumulated per optimiser step.", group="optim")
+    optimizer: str = _opt("sgd", "Optimiser.", choices=OPTIMIZERS, group="optim")
+    lr: float = _opt(0.1, "Peak learning rate.", group="optim")
+    momentum: float = _opt(0.9, "SGD momentum (AdamW beta1).", group="optim")
+    nesterov: bool = _opt(True, "Nesterov momentum for SGD.", group="optim")
+    weight_decay: float = _opt(1e-4, "Weight decay (not applied to norms and biases).",
+                               group="optim")
+    clip_grad: float = _opt(0.0, "Clip the gradient norm to this value (0: off).",
+                            group="optim")
+    schedule: str = _opt("cosine", "Learning-rate schedule, stepped every optimiser step.",
+                         choices=SCHEDULES, group="optim")
+    warmup_epochs: float = _opt(0.0, "Linear warm-up length in epochs (cosine, sgdr, step, "
+                                     "constant).", group="optim")
+    min_lr: float = _opt(0.0, "Lowest learning rate of cosine, sgdr and cyclic.", group="optim")
+    sgdr_t0: float = _opt(1.0, "SGDR: length of the first cycle in epochs.", group="optim")
+    sgdr_tmult: float = _opt(2.0, "SGDR: each cycle is this many times longer than the last.",
+                             group="optim")
+    cycle_epochs: float = _opt(2.0, "cyclic: length of one triangular cycle in epochs.",
+                               group="optim")
+    pct_start: float = _opt(0.3, "onecycle: fraction of the run spent increasing the rate.",
+                            group="optim")
+    step_epochs: float = _opt(3.0, "step: epochs between decays.", group="optim")
+    step_gamma: float = _opt(0.1, "step: factor applied at each decay.", group="optim")
+    amp: str = _opt("auto", "Mixed precision: auto (bf16 on CUDA, none on CPU), none, bf16, "
+                            "fp16 (CUDA only, with a GradScaler).", choices=AMPS, group="optim")
+    ema_decay: float = _opt(0.0, "Keep an exponential moving average of the weights with this "
+                                 "decay, e.g. 0.9998 (0: off).", group="optim")
+
+    # imbalance and hierarchy (see imattrain.losses / sampling / hierarchy / two_stage)
+    sampler: str = _opt("instance", "Class sampling: instance (natural), sqrt (square-root "
+                                    "frequency), balanced (uniform over classes).",
+                        choices=SAMPLERS, group="imbalance")
+    loss: str = _opt("ce", "Loss: cross-entropy, focal or class-balanced (effective number).",
+                     choices=LOSSES, group="imbalance")
+    focal_gamma: float = _opt(2.0, "Focal loss gamma.", group="imbalance")
+    cb_beta: float = _opt(0.999, "Class-balanced loss beta.", group="imbalance")
+    label_smoothing: float = _opt(0.0, "Label smoothing of the loss.", group="imbalance")
+    two_stage: bool = _opt(False, "After the main run, re-train the classifier on "
+                                  "class-balanced batches.", group="imbalance")
+    two_stage_epochs: int = _opt(2, "Epochs of the classifier re-training.", group="imbalance")
+    tau: float = _opt(0.0, "Post-hoc logit adjustment strength at eval/predict (0: off).",
+                      group="imbalance")
+    tree: str | None = _opt(None, "Product tree JSON: adds hierarchical (level) heads and "
+                                  "loss.", group="imbalance")
+    hier_weight: float = _opt(0.3, "Weight of the hierarchy levels' loss.", group="imbalance")
+
+    # run control
+    seed: int = _opt(0, "Seed of shuffling, augmentation and initialisation.", group="run")
+    device: str = _opt("auto", "Device: auto, cpu or cuda.", choices=DEVICES, group="run")
+    resume: bool = _opt(False, "Continue from <out>/checkpoints/last.pt exactly where it "
+                               "stopped.", group="run")
+    checkpoint_every: int = _opt(0, "Also save last.pt every this many optimiser steps, so a "
+                                    "killed run resumes mid-epoch (0: end of epoch only).",
+                                 group="run")
+    max_steps: int = _opt(0, "Stop (saving last.pt) after this many optimiser steps in total "
+                             "(0: no limit).", group="run")
+    eval_every: int = _opt(1, "Validate every this many epochs (and after the last).",
+                           group="run")
+    quiet: bool = _opt(False, "No progress display.", group="run")
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def asdict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        """Raise UserError naming the first bad value; returns self for chaining."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise UserError(f"--{flag_name(f.name)} must be one of {', '.join(choices)} "
+                                f"(got {value!r})")
+        positive_int = ("epochs", "batch_size", "grad_accum", "image_size", "prefetch",
+                        "eval_every")
+        for name in positive_int:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{flag_name(name)} must be at least 1 "
+                                f"(got {getattr(self, name)})")
+        non_negative = ("workers", "shuffle_buffer", "checkpoint_every", "max_steps",
+                        "weight_decay", "clip_grad", "warmup_epochs", "min_lr", "focal_gamma",
+                        "tau", "hier_weight", "color_jitter", "rotation")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{flag_name(name)} must not be negative "
+                                f"(got {getattr(self, name)})")
+        for name in ("lr", "sgdr_t0", "cycle_epochs", "step_epochs"):
+            value = getattr(self, name)
+            if not value > 0 or not math.isfinite(value):
+                raise UserError(f"--{flag_name(name)} must be a positive number (got {value})")
+        ranges = {
+            "momentum": (0.0, 1.0, True), "label_smoothing": (0.0, 1.0, False),
+            "ema_decay": (0.0, 1.0, False), "hflip": (0.0, 1.0, True),
+            "cb_beta": (0.0, 1.0, False), "pct_start": (0.0, 1.0, False),
+            "step_gamma": (0.0, 1.0, True),
+        }
+        for name, (lo, hi, hi_inclusive) in ranges.items():
+            value = getattr(self, name)
+            ok = lo <= value <= hi if hi_inclusive else lo <= value < hi
+            if name in ("cb_beta", "pct_start", "step_gamma"):
+                ok = ok and value > lo
+            if not ok:
+                bound = "]" if hi_inclusive else ")"
+                raise UserError(f"--{flag_name(name)} must be in [{lo:g}, {hi:g}{bound} "
+                                f"(got {value})")
+        if not 0 < self.crop_scale <= 1:
+            raise UserError(f"--crop-scale must be in (0, 1] (got {self.crop_scale})")
+        if self.sgdr_tmult < 1:
+            raise UserError(f"--sgdr-tmult must be at least 1 (got {self.sgdr_tmult})")
+        if self.min_lr >= self.lr and self.schedule in ("cosine", "sgdr", "cyclic"):
+            raise UserError(f"--min-lr ({self.min_lr}) must be below --lr ({self.lr})")
+        if self.eval_resize is not None and self.eval_resize < self.image_size:
+            raise UserError(f"--eval-resize ({self.eval_resize}) must be at least --image-size "
+                            f"({self.image_size})")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise UserError(f"--num-classes must be at least 2 (got {self.num_classes})")
+        if self.two_stage_epochs < 1:
+            raise UserError(f"--two-stage-epochs must be at least 1 "
+                            f"(got {self.two_stage_epochs})")
+        if self.tree is not None and not Path(self.tree).is_file():
+            raise UserError(f"--tree {self.tree}: no such file; give the product tree JSON")
+        if self.amp == "fp16" and self.device == "cpu":
+            raise UserError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+        if not self.model:
+            raise UserError("--model must name a model, e.g. resnet50")
+        return self
+
+    @property
+    def resolved_eval_resize(self) -> int:
+        if self.eval_resize is not None:
+            return self.eval_resize
+        return int(round(self.image_size * 256 / 224))
+
+
+# --- field introspection (shared by the CLI and the TOML reader) -------------------------------
+
+
+def flag_name(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def field_kind(f: dataclasses.Field[Any]) -> tuple[type, bool]:
+    """(base type, optional?) of a config field: int, float, str or bool."""
+    hints = typing.get_type_hints(TrainConfig)
+    tp = hints[f.name]
+    optional = False
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+    return tp, optional
+
+
+def config_fields() -> list[dataclasses.Field[Any]]:
+    return list(fields(TrainConfig))
+
+
+def parse_value(name: str, raw: Any, *, source: str) -> Any:
+    """Convert a flag string or TOML value to the field's type, with a one-line error."""
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    f = by_name[name]
+    tp, optional = field_kind(f)
+    where = f"--{flag_name(name)}" if source == "flag" else f"{source}: {name}"
+    if raw is None or (optional and isinstance(raw, str) and raw.strip().lower() in ("", "none")):
+        if optional:
+            return None
+        raise UserError(f"{where} needs a value")
+    try:
+        if tp is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw) if not isinstance(raw, str) else int(raw.strip())
+        if tp is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+            raise ValueError
+        return str(raw)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+        raise UserError(f"{where} must be {kind} (got {raw!r})") from None
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a run config file; keys may use '-' or '_'; unknown keys are an error."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {path}: not valid TOML ({exc})") from None
+    # Allow an optional [train] table so the file can share space with other tools.
+    if set(data) == {"train"} and isinstance(data["train"], dict):
+        data = data["train"]
+    known = {f.name for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UserError(f"{path}: unknown key {key!r}; see `imattrain run --help` for the keys")
+        out[name] = parse_value(name, value, source=str(path))
+    return out
+
+
+def build_config(file_values: Mapping[str, Any] | None = None,
+                 flag_values: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the TOML file, then flags (already parsed to their types)."""
+    merged: dict[str, Any] = {}
+    merged.update(file_values or {})
+    merged.update(flag_values or {})
+    return TrainConfig(**merged).validate()
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The config as TOML (None values are left out: TOML has no null)."""
+    lines = ["# imattrain run configuration; reuse with `imattrain run --config config.toml`"]
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))  # a JSON string is a valid TOML basic string
+        lines.append(f"{f.name} = {text}")
+    return "\n".join(lines) + "\n"
