@@ -1,0 +1,625 @@
+"""`imatdata stats`: what a manifest root holds, per split, per class, per tree node and per host.
+
+Reads metadata columns only (never the image bytes) with pyarrow compute and numpy, so a
+million rows take seconds. `write_stats` is what `fetch` and `clean` call when they finish.
+
+Which rows count
+----------------
+*stage* is ``raw`` (``<root>/raw``) or ``clean`` (``<root>/clean``); by default ``clean`` when
+``clean/`` holds shards, else ``raw``. A *usable* row is a row of the stage with status ``ok``
+(in the clean stage: a kept row with status ok; failed test rows stay in ``clean/test``).
+Class figures count usable rows with a label. Fetch outcomes (failure statuses, hosts) come
+from ``raw/`` whenever it exists, also in the clean stage; without it, from the clean rows
+plus ``clean/dropped.parquet``, where a ``fetch_failed`` drop counts as status ``fetch_failed``.
+
+stats.json keys
+---------------
+- ``version`` (1), ``generated_at`` (ISO 8601, UTC), ``root``, ``stage``, ``min_count``
+  (the threshold below which a class is called rare), ``fetch_source`` ("raw" or "clean").
+- ``totals``: ``records``, ``rows``, ``usable``, ``failed``, ``dropped`` summed over splits.
+- ``splits``: ``{split: {...}}`` with
+  - ``records``: input records (raw: rows; clean: kept rows + dropped rows of the split);
+  - ``rows``: rows in the stage's shards; ``usable``: rows with status ok;
+  - ``labelled``: whether the split carries labels (test does not);
+  - ``unlabelled_usable``: usable rows without a label (0 in a well-formed labelled split);
+  - ``statuses``: ``{status: rows}`` of every fetch outcome; ``failed``: rows not ok;
+    ``failures``: ``{status: rows}`` of the non-ok statuses only;
+  - ``drops``: ``{reason: rows}`` from ``clean/dropped.parquet`` (null in the raw stage);
+    ``dropped``: their sum (0 in the raw stage);
+  - ``bytes``: ``stored`` (size of the split's shard files on disk), ``images`` (bytes of the
+    image column as stored, from the Parquet footers), ``served`` (sum of ``orig_bytes`` of
+    usable rows: what was downloaded);
+  - ``sizes``: for ``width``, ``height`` (stored image), ``orig_width``, ``orig_height``,
+    ``orig_bytes`` (as served) of usable rows: ``{"count", "min", "p5", "p25", "p50",
+    "p75", "p95", "max", "mean"}`` (linear-interpolated percentiles), or null when none.
+- ``classes``: ``num_classes`` (classes with at least one usable row in any split),
+  ``per_split``: ``{split: {...}}`` for labelled splits, over classes with at least one usable
+  row in that split: ``classes``, ``images``, ``min``, ``max``, ``median``, ``mean``,
+  ``imbalance_ratio`` (max / min), ``below_min_count`` (classes under ``min_count``),
+  ``most_frequent`` / ``least_frequent`` (``[{"class", "count"}]``, top N, ties by class id),
+  ``missing_vs_train`` (train classes absent from this split; null when there is no train
+  split), ``missing_vs_tree`` (tree leaves absent; null without a tree),
+  ``unknown_to_tree`` (classes present but not in the tree; null without a tree).
+- ``hierarchy``: null without ``--tree``; else ``tree`` (its source), ``leaves``, and
+  ``level1`` / ``level2`` / ``level3``: ``{node path key: {"leaves", "counts": {split: usable
+  images}, "classes_present": {split: classes with images}}}``; path keys join the names from
+  level 1 down with "/" (``"level1_node4/level2_node5"``), since names repeat under parents.
+- ``hosts``: ``hosts`` (distinct hosts), ``hosts_with_failures``, ``min_records`` (hosts with
+  fewer rows are not ranked), ``top``: ``[{"host", "records", "failed", "failure_rate",
+  "failures": {status: rows}}]``, worst failure rate first (ties: more failures first).
+- ``files``: paths (relative to the root) of everything written under ``stats/``.
+
+Other outputs under ``<root>/stats/``: ``class_counts.csv`` (``class,level1,level2,level3``
+then one column per labelled split: usable rows of that class; every class seen in the stage,
+its drops or the tree), ``class_counts.png``, ``image_sizes.png``, ``host_failures.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from imatdata import plots
+from imatdata.errors import UserError
+from imatdata.manifest import DROP_REASONS, STATUSES, list_shards, list_splits, read_table, write_bytes_atomic
+from imatdata.tree import ProductTree
+
+STAGES = ("raw", "clean")
+STATS_DIR = "stats"
+DEFAULT_MIN_COUNT = 20
+DEFAULT_TOP = 10
+DEFAULT_TOP_HOSTS = 20
+DEFAULT_HOST_MIN_RECORDS = 1
+PERCENTILES = (("min", 0), ("p5", 5), ("p25", 25), ("p50", 50), ("p75", 75), ("p95", 95), ("max", 100))
+SIZE_COLUMNS = ("width", "height", "orig_width", "orig_height", "orig_bytes")
+SPLIT_ORDER = ("train", "val", "validation", "test")
+FETCH_FAILED = "fetch_failed"
+# Scheme, optional userinfo, then the host (bracketed IPv6 or up to the port/path). RE2 syntax.
+_HOST_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^:/?#]*)"
+NO_HOST = "(no host)"
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    min_count: int = DEFAULT_MIN_COUNT
+    top: int = DEFAULT_TOP
+    top_hosts: int = DEFAULT_TOP_HOSTS
+    host_min_records: int = DEFAULT_HOST_MIN_RECORDS
+
+    def __post_init__(self) -> None:
+        for name in ("min_count", "top", "top_hosts", "host_min_records"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be zero or more")
+
+
+@dataclass
+class StatsResult:
+    """stats.json's figures plus the arrays the plots need (kept out of the JSON)."""
+
+    data: dict[str, Any]
+    class_counts: dict[str, dict[int, int]]  # labelled split -> class -> usable rows
+    all_classes: list[int]
+    tree: ProductTree | None
+    orig_short: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    stored_short: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    served_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def write_stats(root: Path, stage: str | None = None, tree: Path | None = None, quiet: bool = True,
+                *, options: StatsOptions | None = None, console: Any = None) -> dict:
+    """Compute the stats of `root`, write everything under `root/stats/`, return stats.json's dict.
+
+    With `quiet=False` the tables are printed (to `console`, a rich Console, or stdout).
+    `tree` is a product-tree JSON file, the word "packaged", or None for no hierarchy.
+    """
+    root = Path(root)
+    result = compute(root, stage, tree, options=options)
+    write_outputs(result, root)
+    if not quiet:
+        from rich.console import Console
+
+        render(result.data, console or Console())
+    return result.data
+
+
+def compute(root: Path, stage: str | None = None, tree: Path | str | ProductTree | None = None, *,
+            options: StatsOptions | None = None) -> StatsResult:
+    """All figures of stats.json, from metadata columns only. Writes nothing."""
+    opts = options or StatsOptions()
+    root = Path(root)
+    stage = resolve_stage(root, stage)
+    product_tree = tree if isinstance(tree, ProductTree) or tree is None else ProductTree.load(tree)
+    stage_path = root / stage
+    splits = order_splits(list_splits(stage_path))
+
+    raw_splits = set(list_splits(root / "raw"))
+    fetch_source = "raw" if stage == "raw" or raw_splits else "clean"
+    dropped = _read_dropped(root) if stage == "clean" else None
+
+    split_stats: dict[str, dict[str, Any]] = {}
+    class_counts: dict[str, dict[int, int]] = {}
+    seen_classes: set[int] = set()
+    outcomes: list[pa.Table] = []
+    short_orig, short_stored, served = [], [], []
+
+    for split in splits:
+        columns = ["label", "status", "width", "height", "orig_width", "orig_height", "orig_bytes"]
+        own_outcomes = stage == "raw" or split not in raw_splits
+        if own_outcomes:
+            columns.append("url")
+        shards = list_shards(stage_path / split)
+        t = _read(stage_path / split, columns)
+        usable = pc.fill_null(pc.equal(t["status"], "ok"), False)
+        n_usable = int(pc.sum(usable).as_py() or 0)
+
+        split_drops = None
+        n_dropped = 0
+        if dropped is not None:
+            mine = dropped.filter(pc.equal(dropped["split"], split))
+            split_drops = _value_counts(mine["reason"])
+            n_dropped = mine.num_rows
+            seen_classes.update(_value_counts(mine["label"]))
+
+        # Fetch outcomes: raw rows when there are any, else this stage's rows plus its drops.
+        if stage == "raw":
+            fetched = t.select(["url", "status"])
+        elif split in raw_splits:
+            fetched = _read(root / "raw" / split, ["url", "status"])
+        else:
+            fetched = t.select(["url", "status"])
+            if dropped is not None:
+                mine = dropped.filter(pc.equal(dropped["split"], split))
+                status = pc.if_else(pc.equal(mine["reason"], FETCH_FAILED), FETCH_FAILED, "ok")
+                fetched = pa.concat_tables([fetched, pa.table({"url": mine["url"], "status": status})])
+        outcomes.append(fetched)
+        statuses = _value_counts(fetched["status"])
+        failures = {s: n for s, n in statuses.items() if s != "ok"}
+
+        labels_all = _value_counts(t["label"])
+        seen_classes.update(labels_all)
+        labelled = bool(labels_all) or (dropped is not None and _has_labels(dropped, split))
+        usable_labels = pc.filter(t["label"], usable)
+        if labelled:
+            counts = _value_counts(usable_labels)
+            class_counts[split] = counts
+        unlabelled_usable = int(usable_labels.null_count) if labelled else 0
+
+        ok_rows = t.filter(usable)
+        sizes = {c: _percentiles(ok_rows[c]) for c in SIZE_COLUMNS}
+        served_arr = _to_numpy(ok_rows["orig_bytes"])
+        served.append(served_arr)
+        short_orig.append(_shorter_side(ok_rows["orig_width"], ok_rows["orig_height"]))
+        short_stored.append(_shorter_side(ok_rows["width"], ok_rows["height"]))
+
+        split_stats[split] = {
+            "records": t.num_rows + n_dropped,
+            "rows": t.num_rows,
+            "usable": n_usable,
+            "labelled": labelled,
+            "unlabelled_usable": unlabelled_usable,
+            "statuses": _sorted_statuses(statuses),
+            "failed": sum(failures.values()),
+            "failures": _sorted_statuses(failures),
+            "drops": None if split_drops is None else _sorted_reasons(split_drops),
+            "dropped": n_dropped,
+            "bytes": {
+                "stored": sum(p.stat().st_size for p in shards),
+                "images": _image_column_bytes(shards),
+                "served": int(served_arr.sum()) if served_arr.size else 0,
+            },
+            "sizes": sizes,
+        }
+
+    usable_classes = sorted(set().union(*[set(c) for c in class_counts.values()]) if class_counts else set())
+    all_classes = sorted(seen_classes | set(usable_classes) | (set(product_tree.classes) if product_tree else set()))
+
+    data: dict[str, Any] = {
+        "version": 1,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "root": str(root),
+        "stage": stage,
+        "min_count": opts.min_count,
+        "fetch_source": fetch_source,
+        "totals": {k: sum(s[k] for s in split_stats.values())
+                   for k in ("records", "rows", "usable", "failed", "dropped")},
+        "splits": split_stats,
+        "classes": {
+            "num_classes": len(usable_classes),
+            "per_split": {split: _class_stats(split, counts, class_counts, product_tree, opts)
+                          for split, counts in class_counts.items()},
+        },
+        "hierarchy": None if product_tree is None else _hierarchy(product_tree, class_counts),
+        "hosts": _hosts(outcomes, opts),
+        "files": [],
+    }
+    return StatsResult(
+        data=data, class_counts=class_counts, all_classes=all_classes, tree=product_tree,
+        orig_short=_concat(short_orig), stored_short=_concat(short_stored), served_bytes=_concat(served),
+    )
+
+
+def write_outputs(result: StatsResult, root: Path) -> list[Path]:
+    """stats.json, class_counts.csv and the PNGs under `root/stats/`, each written atomically."""
+    out = Path(root) / STATS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    data = result.data
+    stage = data["stage"]
+    paths = [
+        plots.plot_class_counts({s: list(c.values()) for s, c in result.class_counts.items()},
+                                out / "class_counts.png", min_count=data["min_count"], stage=stage),
+        plots.plot_image_sizes(result.orig_short, result.stored_short, result.served_bytes,
+                               out / "image_sizes.png", stage=stage),
+        plots.plot_host_failures(data["hosts"]["top"], out / "host_failures.png",
+                                 source=data["fetch_source"]),
+    ]
+    csv_path = out / "class_counts.csv"
+    write_bytes_atomic(class_counts_csv(result).encode("utf-8"), csv_path)
+    json_path = out / "stats.json"
+    data["files"] = [p.relative_to(root).as_posix() for p in [json_path, csv_path, *paths]]
+    write_bytes_atomic(dumps(data).encode("utf-8"), json_path)
+    return [json_path, csv_path, *paths]
+
+
+def dumps(data: dict[str, Any]) -> str:
+    """The exact text of stats.json (also what `--json` prints)."""
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+def class_counts_csv(result: StatsResult) -> str:
+    splits = list(result.class_counts)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["class", "level1", "level2", "level3", *splits])
+    for cid in result.all_classes:
+        path = result.tree.path(cid) if result.tree is not None else None
+        writer.writerow([cid, *(path or ("", "", "")), *(result.class_counts[s].get(cid, 0) for s in splits)])
+    return buf.getvalue()
+
+
+# --- stage and splits -------------------------------------------------------------------------
+
+
+def resolve_stage(root: Path, stage: str | None) -> str:
+    """The stage to describe: as asked, else clean when clean/ holds shards, else raw."""
+    if stage is not None and stage not in STAGES:
+        raise UserError(f"--stage must be raw or clean, not {stage!r}")
+    if stage is None:
+        stage = "clean" if list_splits(root / "clean") else "raw"
+        if not list_splits(root / "raw") and stage == "raw":
+            raise UserError(f"no manifest shards under {root} (neither raw/ nor clean/ holds any): run "
+                            f"`imatdata fetch` first, or point --root / IMAT_ROOT at a manifest root")
+    if not list_splits(root / stage):
+        step = "imatdata fetch" if stage == "raw" else "imatdata clean"
+        raise UserError(f"no {stage} manifest shards under {root / stage}: run `{step}` first "
+                        f"or choose the other --stage")
+    return stage
+
+
+def order_splits(splits: Sequence[str]) -> list[str]:
+    """train, val, test first (the order people read them in), then the rest alphabetically."""
+    rank = {name: i for i, name in enumerate(SPLIT_ORDER)}
+    return sorted(splits, key=lambda s: (rank.get(s, len(rank)), s))
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _read(path: Path, columns: list[str]) -> pa.Table:
+    try:
+        return read_table(path, columns=columns)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        raise UserError(f"cannot read the manifest shards under {path}: {exc}".splitlines()[0]) from None
+
+
+def _read_dropped(root: Path) -> pa.Table | None:
+    path = root / "clean" / "dropped.parquet"
+    if not path.is_file():
+        return None
+    try:
+        return pq.read_table(path, columns=["split", "label", "url", "reason"])
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        raise UserError(f"cannot read {path}: {exc}".splitlines()[0]) from None
+
+
+def _has_labels(dropped: pa.Table, split: str) -> bool:
+    mine = dropped.filter(pc.equal(dropped["split"], split))
+    return mine.num_rows > mine["label"].null_count
+
+
+def _image_column_bytes(shards: Sequence[Path]) -> int:
+    """Bytes of the image column as stored, from the Parquet footers (no image is read)."""
+    total = 0
+    for shard in shards:
+        meta = pq.ParquetFile(shard).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        if "image" not in names:
+            continue
+        idx = names.index("image")
+        total += sum(meta.row_group(r).column(idx).total_compressed_size for r in range(meta.num_row_groups))
+    return total
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def _value_counts(arr: pa.ChunkedArray | pa.Array) -> dict[Any, int]:
+    """{value: occurrences}, nulls left out."""
+    if len(arr) == 0:
+        return {}
+    vc = pc.value_counts(arr)
+    return {v: int(c) for v, c in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())
+            if v is not None}
+
+
+def _ranked(names: Any, order: Sequence[str]) -> list[str]:
+    """Names in a fixed order (statuses or reasons as listed in manifest.py), unknown ones last."""
+    rank = {s: i for i, s in enumerate(order)}
+    return sorted(names, key=lambda s: (rank.get(s, len(rank)), s))
+
+
+def _sorted_statuses(counts: dict[str, int]) -> dict[str, int]:
+    return {s: counts[s] for s in _ranked(counts, STATUSES)}
+
+
+def _sorted_reasons(counts: dict[str, int]) -> dict[str, int]:
+    return {s: counts[s] for s in _ranked(counts, DROP_REASONS)}
+
+
+def _to_numpy(arr: pa.ChunkedArray) -> np.ndarray:
+    return arr.drop_null().to_numpy().astype(np.float64, copy=False) if len(arr) else np.zeros(0)
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _shorter_side(w: pa.ChunkedArray, h: pa.ChunkedArray) -> np.ndarray:
+    both = pc.min_element_wise(w, h, skip_nulls=False)
+    return _to_numpy(both)
+
+
+def _percentiles(arr: pa.ChunkedArray) -> dict[str, float | int] | None:
+    values = _to_numpy(arr)
+    if values.size == 0:
+        return None
+    qs = np.percentile(values, [q for _, q in PERCENTILES])
+    out: dict[str, float | int] = {"count": int(values.size)}
+    out.update({name: _num(v) for (name, _), v in zip(PERCENTILES, qs)})
+    out["mean"] = _num(values.mean())
+    return out
+
+
+def _num(v: float) -> float | int:
+    """Integers stay integers in the JSON; other figures keep two decimals."""
+    f = float(v)
+    return int(f) if f.is_integer() else round(f, 2)
+
+
+def _class_stats(split: str, counts: dict[int, int], all_counts: dict[str, dict[int, int]],
+                 tree: ProductTree | None, opts: StatsOptions) -> dict[str, Any]:
+    present = sorted(counts)
+    values = np.array([counts[c] for c in present], dtype=np.int64)
+    train = all_counts.get("train")
+    stats: dict[str, Any] = {
+        "classes": len(present),
+        "images": int(values.sum()) if values.size else 0,
+        "min": None, "max": None, "median": None, "mean": None, "imbalance_ratio": None,
+        "below_min_count": int((values < opts.min_count).sum()),
+        "most_frequent": [{"class": c, "count": counts[c]}
+                          for c in sorted(present, key=lambda c: (-counts[c], c))[:opts.top]],
+        "least_frequent": [{"class": c, "count": counts[c]}
+                           for c in sorted(present, key=lambda c: (counts[c], c))[:opts.top]],
+        "missing_vs_train": None if train is None else sorted(set(train) - set(counts)),
+        "missing_vs_tree": None if tree is None else sorted(set(tree.leaf_paths) - set(counts)),
+        "unknown_to_tree": None if tree is None else sorted(c for c in present if c not in tree),
+    }
+    if values.size:
+        stats.update({
+            "min": int(values.min()),
+            "max": int(values.max()),
+            "median": _num(np.median(values)),
+            "mean": _num(values.mean()),
+            "imbalance_ratio": _num(values.max() / values.min()),
+        })
+    return stats
+
+
+def _hierarchy(tree: ProductTree, class_counts: dict[str, dict[int, int]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"tree": tree.source, "leaves": tree.num_classes}
+    for level in (1, 2, 3):
+        nodes: dict[str, Any] = {}
+        for key in tree.nodes(level):
+            leaves = tree.leaves_under(key)
+            nodes[key] = {
+                "leaves": len(leaves),
+                "counts": {s: sum(c.get(l, 0) for l in leaves) for s, c in class_counts.items()},
+                "classes_present": {s: sum(1 for l in leaves if c.get(l, 0) > 0)
+                                    for s, c in class_counts.items()},
+            }
+        out[f"level{level}"] = nodes
+    return out
+
+
+def _hosts(outcomes: list[pa.Table], opts: StatsOptions) -> dict[str, Any]:
+    table = pa.concat_tables(outcomes) if outcomes else pa.table({"url": pa.array([], pa.string()),
+                                                                 "status": pa.array([], pa.string())})
+    if table.num_rows == 0:
+        return {"hosts": 0, "hosts_with_failures": 0, "min_records": opts.host_min_records, "top": []}
+    host = pc.utf8_lower(pc.struct_field(pc.extract_regex(table["url"], _HOST_RE), [0]))
+    host = pc.fill_null(pc.if_else(pc.equal(host, ""), None, host), NO_HOST)
+    failed = pc.cast(pc.fill_null(pc.not_equal(table["status"], "ok"), True), pa.int64())
+    frame = pa.table({"host": host, "status": table["status"], "failed": failed})
+    per_host = frame.group_by("host").aggregate([("failed", "count"), ("failed", "sum")])
+    n_hosts = per_host.num_rows
+    with_failures = int(pc.sum(pc.greater(per_host["failed_sum"], 0)).as_py() or 0)
+
+    ranked = per_host.filter(pc.and_(pc.greater(per_host["failed_sum"], 0),
+                                     pc.greater_equal(per_host["failed_count"], opts.host_min_records)))
+    rate = pc.divide(pc.cast(ranked["failed_sum"], pa.float64()), pc.cast(ranked["failed_count"], pa.float64()))
+    ranked = ranked.append_column("rate", rate)
+    order = pc.sort_indices(ranked, sort_keys=[("rate", "descending"), ("failed_sum", "descending"),
+                                               ("host", "ascending")])
+    top = ranked.take(order[:opts.top_hosts]).to_pylist()
+
+    breakdown: dict[str, dict[str, int]] = {h["host"]: {} for h in top}
+    if top:
+        mask = pc.and_(pc.is_in(frame["host"], pa.array(list(breakdown))), pc.equal(frame["failed"], 1))
+        sub = frame.filter(mask).group_by(["host", "status"]).aggregate([("failed", "count")])
+        for row in sub.to_pylist():
+            breakdown[row["host"]][row["status"] if row["status"] is not None else "unknown"] = row["failed_count"]
+    return {
+        "hosts": n_hosts,
+        "hosts_with_failures": with_failures,
+        "min_records": opts.host_min_records,
+        "top": [{"host": h["host"], "records": h["failed_count"], "failed": h["failed_sum"],
+                 "failure_rate": round(h["rate"], 4),
+                 "failures": _sorted_statuses(breakdown[h["host"]])} for h in top],
+    }
+
+
+# --- terminal tables -----------------------------------------------------------------------------
+
+
+def render(data: dict[str, Any], console: Any) -> None:
+    """Rich tables of a stats.json dict."""
+    from rich.table import Table
+
+    splits = data["splits"]
+    names = list(splits)
+    clean = data["stage"] == "clean"
+
+    t = Table(title=f"Splits ({data['stage']} stage, {data['root']})", title_justify="left")
+    for col in ("split", "records", "usable", "usable %", "failed", *(["dropped"] if clean else []),
+                "stored", "served"):
+        t.add_column(col, justify="left" if col == "split" else "right")
+    for s, v in splits.items():
+        t.add_row(s, _n(v["records"]), _n(v["usable"]), _pct(v["usable"], v["records"]), _n(v["failed"]),
+                  *([_n(v["dropped"])] if clean else []), _bytes(v["bytes"]["stored"]),
+                  _bytes(v["bytes"]["served"]))
+    console.print(t)
+
+    failures = _ranked({k for v in splits.values() for k in v["failures"]}, STATUSES)
+    if failures:
+        t = Table(title=f"Fetch failures by status (from {data['fetch_source']} rows)", title_justify="left")
+        t.add_column("status")
+        for s in names:
+            t.add_column(s, justify="right")
+        for status in failures:
+            t.add_row(status, *(_n(splits[s]["failures"].get(status, 0)) for s in names))
+        console.print(t)
+
+    if clean:
+        reasons = _ranked({k for v in splits.values() for k in (v["drops"] or {})}, DROP_REASONS)
+        t = Table(title="Dropped by clean, by reason", title_justify="left")
+        t.add_column("reason")
+        for s in names:
+            t.add_column(s, justify="right")
+        for reason in reasons:
+            t.add_row(reason, *(_n((splits[s]["drops"] or {}).get(reason, 0)) for s in names))
+        if reasons:
+            console.print(t)
+
+    t = Table(title="Image sizes of usable rows (p5 / median / p95)", title_justify="left")
+    for col in ("split", "stored width", "stored height", "served width", "served height", "served bytes"):
+        t.add_column(col, justify="left" if col == "split" else "right")
+    for s, v in splits.items():
+        z = v["sizes"]
+        t.add_row(s, *(_triple(z[c]) for c in ("width", "height", "orig_width", "orig_height")),
+                  _triple(z["orig_bytes"], _bytes))
+    console.print(t)
+
+    per_split = data["classes"]["per_split"]
+    if per_split:
+        t = Table(title=f"Images per class (usable rows; rare = under {data['min_count']})", title_justify="left")
+        for col in ("split", "classes", "min", "median", "mean", "max", "max/min", "rare",
+                    "missing vs train", "missing vs tree"):
+            t.add_column(col, justify="left" if col == "split" else "right")
+        for s, c in per_split.items():
+            t.add_row(s, _n(c["classes"]), _n(c["min"]), _n(c["median"]), _n(c["mean"]), _n(c["max"]),
+                      _n(c["imbalance_ratio"]), _n(c["below_min_count"]), _len(c["missing_vs_train"]),
+                      _len(c["missing_vs_tree"]))
+        console.print(t)
+        for s, c in per_split.items():
+            t = Table(title=f"Most and least frequent classes in {s}", title_justify="left")
+            for col in ("rank", "most frequent", "images", "least frequent", "images "):
+                t.add_column(col, justify="right")
+            most, least = c["most_frequent"], c["least_frequent"]
+            for i in range(max(len(most), len(least))):
+                m = most[i] if i < len(most) else None
+                l = least[i] if i < len(least) else None
+                t.add_row(str(i + 1), "" if m is None else str(m["class"]), "" if m is None else _n(m["count"]),
+                          "" if l is None else str(l["class"]), "" if l is None else _n(l["count"]))
+            console.print(t)
+
+    hierarchy = data["hierarchy"]
+    if hierarchy:
+        for level in ("level1", "level2"):
+            t = Table(title=f"Images per {level} node of {hierarchy['tree']} (classes with images / leaves)",
+                      title_justify="left")
+            t.add_column("node")
+            t.add_column("leaves", justify="right")
+            for s in per_split:
+                t.add_column(s, justify="right")
+            for key, node in hierarchy[level].items():
+                t.add_row(key, _n(node["leaves"]),
+                          *(f"{_n(node['counts'][s])} ({node['classes_present'][s]})" for s in per_split))
+            console.print(t)
+
+    hosts = data["hosts"]
+    t = Table(title=f"Hosts by failure rate ({hosts['hosts_with_failures']:,} of {hosts['hosts']:,} hosts "
+                    f"had failures)", title_justify="left")
+    for col in ("host", "records", "failed", "rate", "statuses"):
+        t.add_column(col, justify="left" if col in ("host", "statuses") else "right")
+    for h in hosts["top"]:
+        t.add_row(h["host"], _n(h["records"]), _n(h["failed"]), f"{100 * h['failure_rate']:.1f}%",
+                  ", ".join(f"{k} {v:,}" for k, v in h["failures"].items()))
+    if hosts["top"]:
+        console.print(t)
+    if data["files"]:
+        console.print("Wrote " + ", ".join(str(Path(data["root"]) / f) for f in data["files"]))
+
+
+def _n(v: float | int | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:,}" if isinstance(v, int) else f"{v:,.2f}"
+
+
+def _len(v: list | None) -> str:
+    return "–" if v is None else f"{len(v):,}"
+
+
+def _pct(part: int, whole: int) -> str:
+    return "–" if not whole else f"{100 * part / whole:.1f}%"
+
+
+def _bytes(n: float | int | None) -> str:
+    if n is None:
+        return "–"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1024
+    return f"{value:,.1f} TiB"
+
+
+def _triple(z: dict[str, Any] | None, fmt: Any = None) -> str:
+    if z is None:
+        return "–"
+    f = fmt or (lambda v: f"{v:,.0f}")
+    return f"{f(z['p5'])} / {f(z['p50'])} / {f(z['p95'])}"
