@@ -24,6 +24,13 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _group() -> None:
+    # An explicit callback keeps `imatdata <command>` a command group even while only one
+    # command is registered (Typer would otherwise run that command without its name).
+    pass
+
+
 @contextmanager
 def user_errors(prog: str = "imatdata") -> Iterator[None]:
     """One line on stderr and exit 2 for errors the user can fix; 130 on Ctrl-C."""
@@ -46,6 +53,37 @@ def run_command(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 # fetch --------------------------------------------------------------------------------------
 # clean --------------------------------------------------------------------------------------
 # stats --------------------------------------------------------------------------------------
+
+
+@app.command()
+def stats(
+    root: str = typer.Option(None, "--root", help="Manifest root (default: $IMAT_ROOT, else ./manifests)."),
+    stage: str = typer.Option(None, "--stage", help="raw or clean (default: clean when clean/ has shards, else raw)."),
+    tree: str = typer.Option(None, "--tree", help="Product tree JSON (level1 → level2 → level3 → class ids) "
+                             "for per-level figures; 'packaged' uses the tree shipped with imatdata."),
+    as_json: bool = typer.Option(False, "--json", help="Print stats.json to stdout instead of tables."),
+    min_count: int = typer.Option(20, "--min-count", help="Classes with fewer usable images are counted as rare."),
+    top: int = typer.Option(10, "--top", help="How many most and least frequent classes to list."),
+    top_hosts: int = typer.Option(20, "--top-hosts", help="How many hosts to list, worst failure rate first."),
+    host_min_records: int = typer.Option(1, "--host-min-records",
+                                         help="Rank only hosts with at least this many rows."),
+) -> None:
+    """Describe a manifest root: per split, per class, per tree level and per host; writes stats/."""
+    from pathlib import Path
+
+    from imatdata.manifest import resolve_root
+
+    def _run() -> None:
+        from imatdata import stats as stats_mod
+
+        options = stats_mod.StatsOptions(min_count=min_count, top=top, top_hosts=top_hosts,
+                                         host_min_records=host_min_records)
+        data = stats_mod.write_stats(resolve_root(root), stage, Path(tree) if tree else None,
+                                     quiet=as_json, options=options)
+        if as_json:
+            sys.stdout.write(stats_mod.dumps(data))
+
+    run_command(_run)
 
 
 def main() -> None:
