@@ -1,0 +1,489 @@
+"""Evaluation and prediction: TTA, checkpoint ensembles, logit adjustment, the submission file.
+
+One inference path serves `imattrain eval` and `imattrain predict`:
+
+1. checkpoints are loaded (EMA weights when the checkpoint has them) and grouped by the
+   image size they were trained at, so each group costs one pass over the shards;
+2. each batch goes through every model of the group under `torch.inference_mode()`,
+   autocast (bf16 on CUDA), channels_last, once per TTA view;
+3. per (model, view) the softmax is taken and the probabilities are averaged — over views
+   and over checkpoints alike (the usual "average the probabilities" ensemble);
+4. post-hoc logit adjustment (Menon et al. 2021): ``score = log(p̄) - tau * log(prior)``,
+   prior = training class frequencies (the first checkpoint's `class_counts`). tau = 0 is a
+   no-op; `--tune-tau` picks tau on a labelled split by top-3 error.
+
+TTA modes: `none`; `flip` (image and its mirror); `five-crop` (four corners and the centre
+of the resized, uncropped image, each of the training crop size).
+
+The submission (`id,predicted`, three distinct labels best first, space separated) has
+one row per row of the split, in shard order; rows without a usable image get the top 3 of
+the class prior. It is written atomically, as is the optional probabilities Parquet.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imatdata.errors import UserError
+from imatdata.manifest import list_shards, read_table, write_bytes_atomic, write_table_atomic
+
+TTA_MODES = ("none", "flip", "five-crop")
+DEFAULT_TAU_GRID = tuple(round(0.1 * i, 2) for i in range(0, 21))  # 0.0 .. 2.0
+
+
+# --- pure maths -------------------------------------------------------------------------------
+
+
+def tta_views(images: torch.Tensor, mode: str, crop_size: int | None = None) -> list[torch.Tensor]:
+    """The views of a batch (N, C, H, W) that `mode` averages over."""
+    if mode == "none":
+        return [images]
+    if mode == "flip":
+        return [images, torch.flip(images, dims=[-1])]
+    if mode == "five-crop":
+        h, w = images.shape[-2:]
+        c = crop_size or min(h, w)
+        if c > h or c > w:
+            raise ValueError(f"five-crop of {c} px does not fit in {h}x{w} images")
+        top, left = (h - c) // 2, (w - c) // 2
+        return [
+            images[..., :c, :c], images[..., :c, w - c:],
+            images[..., h - c:, :c], images[..., h - c:, w - c:],
+            images[..., top:top + c, left:left + c],
+        ]
+    raise UserError(f"unknown --tta {mode!r}: choose one of {', '.join(TTA_MODES)}")
+
+
+def log_prior(class_counts: np.ndarray) -> np.ndarray:
+    """log of the training class frequencies. A class with no training image would get
+    log 0 = -inf and an infinite boost from any tau > 0; it is counted as half an image
+    instead — still the rarest, but finite."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.size == 0 or counts.sum() <= 0:
+        raise UserError("the checkpoint has no training class counts, so --tau cannot be applied")
+    counts = np.where(counts > 0, counts, 0.5)
+    return np.log(counts / counts.sum())
+
+
+def adjust(log_probs: np.ndarray, prior_log: np.ndarray | None, tau: float) -> np.ndarray:
+    """Logit adjustment ``log p - tau * log prior``; exactly the input when tau == 0."""
+    if tau == 0 or prior_log is None:
+        return log_probs
+    return log_probs - tau * prior_log[None, :].astype(log_probs.dtype)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores per row, best first (ties: lower class index first)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+        np.tile(np.arange(scores.shape[1]), (scores.shape[0], 1))
+    # Stable order among the chosen: sort by (-score, index).
+    chosen = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -chosen), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+@dataclass
+class ClassAccuracy:
+    label: int
+    count: int
+    top1: float
+    top3: float
+
+
+@dataclass
+class Metrics:
+    n: int
+    top1: float
+    top3: float
+    top5: float
+    balanced_accuracy: float  # mean over classes present of per-class top-1 recall
+    balanced_top3: float
+    per_class: list[ClassAccuracy] = field(default_factory=list)
+
+    @property
+    def top3_error(self) -> float:
+        return 1.0 - self.top3
+
+    def worst(self, n: int = 10) -> list[ClassAccuracy]:
+        return sorted(self.per_class, key=lambda c: (c.top3, c.top1, -c.count, c.label))[:n]
+
+
+def compute_metrics(scores: np.ndarray, labels: np.ndarray, *, per_class: bool = True) -> Metrics:
+    """Top-1/3/5, per-class and balanced accuracy of `scores` (N, C) against `labels` (N,)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    keep = labels >= 0
+    scores, labels = scores[keep], labels[keep]
+    n = int(labels.size)
+    if n == 0:
+        raise UserError("no labelled rows with images to evaluate: check --split and --data")
+    top = top_k(scores, 5)
+    hit = top == labels[:, None]
+    h1, h3, h5 = hit[:, :1].any(1), hit[:, :3].any(1), hit[:, :5].any(1)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    c1 = np.bincount(inverse, weights=h1, minlength=classes.size) / counts
+    c3 = np.bincount(inverse, weights=h3, minlength=classes.size) / counts
+    rows = [ClassAccuracy(int(c), int(k), float(a1), float(a3))
+            for c, k, a1, a3 in zip(classes, counts, c1, c3)] if per_class else []
+    return Metrics(n=n, top1=float(h1.mean()), top3=float(h3.mean()), top5=float(h5.mean()),
+                   balanced_accuracy=float(c1.mean()), balanced_top3=float(c3.mean()), per_class=rows)
+
+
+@dataclass
+class TauChoice:
+    tau: float
+    grid: list[dict[str, float]]  # {"tau", "top1", "top3", "top3_error"} per grid value
+
+
+def tune_tau(log_probs: np.ndarray, labels: np.ndarray, prior_log: np.ndarray,
+             grid: Sequence[float] = DEFAULT_TAU_GRID) -> TauChoice:
+    """The tau of `grid` with the lowest top-3 error (ties: higher top-1, then the tau
+    closest to 0). 0 is always tried, so the choice never has a higher top-3 error on this
+    split than no adjustment."""
+    values = sorted({0.0, *(float(t) for t in grid)})
+    if any(t < 0 or not math.isfinite(t) for t in values):
+        raise UserError("tau grid values must be finite and >= 0")
+    rows = []
+    for t in values:
+        m = compute_metrics(adjust(log_probs, prior_log, t), labels, per_class=False)
+        rows.append({"tau": t, "top1": m.top1, "top3": m.top3, "top3_error": m.top3_error})
+    best = min(rows, key=lambda r: (r["top3_error"], -r["top1"], abs(r["tau"])))
+    return TauChoice(tau=best["tau"], grid=rows)
+
+
+def prior_top(class_counts: np.ndarray, k: int = 3) -> np.ndarray:
+    """The k most frequent training classes (ties: lower class id first)."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    return top_k(counts[None, :], k)[0]
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def format_submission(ids: Sequence[str], top3: np.ndarray, labels: Sequence[int] | None = None) -> str:
+    """`id,predicted` CSV text: one line per id, the predicted labels space separated.
+    `labels[i]` is the class id of model output i (identity when None)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "predicted"])
+    for row_id, classes in zip(ids, top3):
+        names = [str(labels[c] if labels is not None else int(c)) for c in classes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate labels predicted for {row_id}: {names}")
+        writer.writerow([row_id, " ".join(names)])
+    return buf.getvalue()
+
+
+def write_submission(path: Path, ids: Sequence[str], top3: np.ndarray,
+                     labels: Sequence[int] | None = None) -> Path:
+    if len(ids) != len(top3):
+        raise ValueError("one prediction per id is needed")
+    path = Path(path)
+    write_bytes_atomic(format_submission(ids, top3, labels).encode("utf-8"), path)
+    return path
+
+
+def write_probs(path: Path, ids: Sequence[str], probs: np.ndarray) -> Path:
+    """Parquet with `id` and `probs` (fixed-size list<float32>, one value per class)."""
+    probs = np.ascontiguousarray(probs, dtype=np.float32)
+    n, c = probs.shape
+    values = pa.array(probs.reshape(-1), type=pa.float32())
+    column = pa.FixedSizeListArray.from_arrays(values, c)
+    table = pa.table({"id": pa.array(list(ids), type=pa.string()), "probs": column})
+    table = table.replace_schema_metadata({"num_classes": str(c)})
+    write_table_atomic(table, Path(path))
+    return Path(path)
+
+
+def read_probs(path: Path) -> tuple[list[str], np.ndarray]:
+    table = read_table([Path(path)])
+    ids = table.column("id").to_pylist()
+    flat = table.column("probs").combine_chunks()
+    c = flat.type.list_size
+    return ids, flat.flatten().to_numpy(zero_copy_only=False).reshape(-1, c)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    model: nn.Module
+    image_size: int
+    eval_resize: int
+    num_classes: int
+    class_counts: np.ndarray
+
+
+def snapshot_paths(run_dir: Path) -> list[Path]:
+    """The SGDR snapshots of one run (`RUN_DIR/checkpoints/snapshot*.pt`), in cycle order."""
+    folder = Path(run_dir) / "checkpoints"
+    found = sorted(folder.glob("snapshot*.pt")) if folder.is_dir() else []
+    if not found:
+        raise UserError(f"no SGDR snapshots in {folder}: train with --schedule sgdr, or pass "
+                        "--checkpoint files instead")
+    return found
+
+
+def load_checkpoints(paths: Sequence[Path], device: torch.device, *, use_ema: bool = True,
+                     channels_last: bool = True) -> list[LoadedCheckpoint]:
+    """Load every checkpoint for inference; they must agree on the number of classes."""
+    from imattrain.checkpoint import load_model
+
+    if not paths:
+        raise UserError("give at least one --checkpoint (or --snapshots RUN_DIR)")
+    loaded: list[LoadedCheckpoint] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"checkpoint {path} does not exist")
+        model, ckpt = load_model(path, device, use_ema=use_ema)
+        model.eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        cfg = ckpt.get("config") or {}
+        image_size = int(ckpt.get("image_size") or cfg.get("image_size") or 224)
+        resize = cfg.get("eval_resize") or int(round(image_size * 256 / 224))
+        num_classes = int(ckpt["num_classes"])
+        counts = np.asarray(ckpt.get("class_counts") if ckpt.get("class_counts") is not None
+                            else np.zeros(num_classes), dtype=np.float64)
+        loaded.append(LoadedCheckpoint(path, model, image_size, int(resize), num_classes, counts))
+    sizes = {c.num_classes for c in loaded}
+    if len(sizes) > 1:
+        raise UserError(f"the checkpoints disagree on the number of classes ({sorted(sizes)}); "
+                        "ensemble only models trained on the same label set")
+    return loaded
+
+
+# --- inference --------------------------------------------------------------------------------
+
+
+@dataclass
+class Predictions:
+    """Averaged probabilities of the rows that had an image, in the loader's order."""
+
+    ids: list[str]
+    probs: np.ndarray  # (N, C) float32
+    labels: np.ndarray  # (N,) int64, -1 when unknown
+    has_image: np.ndarray  # (N,) bool
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def _autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    if amp == "none":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    # auto: bf16 where it is fast (CUDA); CPU autocast is often slower than float32.
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def _group_by_input(checkpoints: Sequence[LoadedCheckpoint], tta: str) -> list[list[LoadedCheckpoint]]:
+    # Models trained at one size share one pass over the data (decode once, run all).
+    groups: dict[tuple[int, int], list[LoadedCheckpoint]] = {}
+    for c in checkpoints:
+        groups.setdefault((c.image_size, c.eval_resize if tta == "five-crop" else 0), []).append(c)
+    return list(groups.values())
+
+
+def infer(checkpoints: Sequence[LoadedCheckpoint], data_dir: Path, split: str, *, tta: str = "none",
+          batch_size: int = 128, workers: int = 2, device: torch.device | None = None,
+          include_missing: bool = False, amp: str = "auto", channels_last: bool = True) -> Predictions:
+    """Probabilities averaged over TTA views and checkpoints for every row of `split`."""
+    from imattrain.data import build_loader
+    from imattrain.transforms import build_eval_transform
+
+    if tta not in TTA_MODES:
+        raise UserError(f"unknown --tta {tta!r}: choose one of {', '.join(TTA_MODES)}")
+    device = device or resolve_device()
+    dtype = _autocast_dtype(device, amp)
+    total: dict[str, np.ndarray] = {}
+    meta: dict[str, tuple[int, bool]] = {}
+    order: list[str] = []
+    n_members = 0
+    for group in _group_by_input(checkpoints, tta):
+        size = group[0].image_size
+        if tta == "five-crop":
+            # Resize the shorter side and keep the whole square; the five crops come from it.
+            transform = build_eval_transform(group[0].eval_resize, group[0].eval_resize)
+        else:
+            transform = build_eval_transform(size, group[0].eval_resize)
+        loader = build_loader(data_dir, split, transform=transform, batch_size=batch_size,
+                              workers=workers, train=False, include_missing=include_missing)
+        first_group = not order
+        with torch.inference_mode():
+            for batch in loader:
+                ids = list(batch["id"])
+                has = batch["has_image"].numpy().astype(bool) if "has_image" in batch else \
+                    np.ones(len(ids), dtype=bool)
+                labels = batch["label"].numpy().astype(np.int64)
+                images = batch["image"].to(device, non_blocking=True)
+                probs = torch.zeros(len(ids), group[0].num_classes, dtype=torch.float64)
+                if has.any():
+                    views = tta_views(images[torch.from_numpy(has)], tta, size)
+                    acc = torch.zeros(int(has.sum()), group[0].num_classes, dtype=torch.float64,
+                                      device=device)
+                    for member in group:
+                        for view in views:
+                            if channels_last:
+                                view = view.contiguous(memory_format=torch.channels_last)
+                            with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                enabled=dtype is not None):
+                                logits = member.model(view)
+                            acc += F.softmax(logits.float(), dim=1).double()
+                    probs[torch.from_numpy(has)] = (acc / (len(views))).cpu()
+                block = probs.numpy()
+                for i, row_id in enumerate(ids):
+                    if first_group:
+                        order.append(row_id)
+                        meta[row_id] = (int(labels[i]), bool(has[i]))
+                        total[row_id] = block[i].copy()
+                    elif row_id in total:
+                        total[row_id] += block[i]
+        n_members += len(group)
+    probs = np.stack([total[i] / n_members for i in order]).astype(np.float32) if order else \
+        np.zeros((0, checkpoints[0].num_classes), dtype=np.float32)
+    return Predictions(ids=order, probs=probs,
+                       labels=np.array([meta[i][0] for i in order], dtype=np.int64),
+                       has_image=np.array([meta[i][1] for i in order], dtype=bool))
+
+
+def split_row_ids(data_dir: Path, split: str) -> list[str]:
+    """Every id of a split, in shard order (the order a submission follows)."""
+    folder = Path(data_dir) / split
+    if not list_shards(folder):
+        raise UserError(f"no shards for split {split!r} under {data_dir}: run `imatdata clean` first "
+                        "or point --data at the clean folder")
+    return [str(v) for v in read_table(folder, columns=["id"]).column("id").to_pylist()]
+
+
+# --- eval -------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalReport:
+    split: str
+    checkpoints: list[str]
+    tta: str
+    tau: float
+    metrics: Metrics
+    tau_search: list[dict[str, float]] | None = None
+    unadjusted: Metrics | None = None  # the tau = 0 figures, when tau != 0
+
+    def to_dict(self, worst: int = 10) -> dict[str, Any]:
+        def m(x: Metrics) -> dict[str, Any]:
+            return {"n": x.n, "top1": x.top1, "top3": x.top3, "top5": x.top5,
+                    "top3_error": x.top3_error, "balanced_accuracy": x.balanced_accuracy,
+                    "balanced_top3": x.balanced_top3}
+
+        out: dict[str, Any] = {"split": self.split, "checkpoints": self.checkpoints, "tta": self.tta,
+                               "tau": self.tau, **m(self.metrics),
+                               "worst_classes": [asdict(c) for c in self.metrics.worst(worst)],
+                               "per_class": [asdict(c) for c in self.metrics.per_class]}
+        if self.unadjusted is not None:
+            out["without_tau"] = m(self.unadjusted)
+        if self.tau_search is not None:
+            out["tau_search"] = self.tau_search
+        return out
+
+
+def evaluate_checkpoints(paths: Sequence[Path], data_dir: Path, *, split: str = "val", tta: str = "none",
+                         tau: float = 0.0, tune: bool = False, tau_grid: Sequence[float] = DEFAULT_TAU_GRID,
+                         batch_size: int = 128, workers: int = 2, device: str = "auto",
+                         amp: str = "auto") -> EvalReport:
+    if tau < 0 or not math.isfinite(tau):
+        raise UserError(f"--tau must be a finite number >= 0 (got {tau})")
+    dev = resolve_device(device)
+    loaded = load_checkpoints(paths, dev)
+    preds = infer(loaded, data_dir, split, tta=tta, batch_size=batch_size, workers=workers, device=dev,
+                  include_missing=False, amp=amp)
+    log_p = np.log(np.clip(preds.probs.astype(np.float64), 1e-30, None))
+    prior = log_prior(loaded[0].class_counts) if (tau or tune) else None
+    search = None
+    if tune:
+        assert prior is not None
+        choice = tune_tau(log_p, preds.labels, prior, tau_grid)
+        tau, search = choice.tau, choice.grid
+    metrics = compute_metrics(adjust(log_p, prior, tau), preds.labels)
+    base = compute_metrics(log_p, preds.labels) if tau else None
+    return EvalReport(split=split, checkpoints=[str(p) for p in paths], tta=tta, tau=tau, metrics=metrics,
+                      tau_search=search, unadjusted=base)
+
+
+# --- predict ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictReport:
+    rows: int
+    with_image: int
+    from_prior: int
+    out: str
+    probs: str | None
+
+
+def predict_submission(paths: Sequence[Path], data_dir: Path, out: Path, *, split: str = "test",
+                       tta: str = "none", tau: float = 0.0, probs_out: Path | None = None,
+                       batch_size: int = 128, workers: int = 2, device: str = "auto",
+                       amp: str = "auto") -> PredictReport:
+    """Write the competition file (and optionally the probabilities) for every row of `split`."""
+    if tau < 0 or not math.isfinite(tau):
+        raise UserError(f"--tau must be a finite number >= 0 (got {tau})")
+    all_ids = split_row_ids(data_dir, split)
+    dev = resolve_device(device)
+    loaded = load_checkpoints(paths, dev)
+    preds = infer(loaded, data_dir, split, tta=tta, batch_size=batch_size, workers=workers, device=dev,
+                  include_missing=True, amp=amp)
+    counts = loaded[0].class_counts
+    num_classes = loaded[0].num_classes
+    prior_probs = counts / counts.sum() if counts.sum() > 0 else np.full(num_classes, 1.0 / num_classes)
+    fallback = prior_top(counts if counts.sum() > 0 else np.ones(num_classes), 3)
+    prior = log_prior(counts) if tau else None
+    position = {row_id: i for i, row_id in enumerate(preds.ids)}
+    top3 = np.empty((len(all_ids), min(3, num_classes)), dtype=np.int64)
+    probs = np.empty((len(all_ids), num_classes), dtype=np.float32) if probs_out else None
+    from_prior = 0
+    have = [position.get(row_id, -1) for row_id in all_ids]
+    with_image = np.array([i >= 0 and bool(preds.has_image[i]) for i in have], dtype=bool)
+    idx = np.array([i for i, ok in zip(have, with_image) if ok], dtype=np.int64)
+    if idx.size:
+        log_p = np.log(np.clip(preds.probs[idx].astype(np.float64), 1e-30, None))
+        top3[with_image] = top_k(adjust(log_p, prior, tau), 3)
+        if probs is not None:
+            probs[with_image] = preds.probs[idx]
+    top3[~with_image] = fallback
+    from_prior = int((~with_image).sum())
+    if probs is not None:
+        probs[~with_image] = prior_probs.astype(np.float32)
+        write_probs(probs_out, all_ids, probs)
+    write_submission(out, all_ids, top3)
+    return PredictReport(rows=len(all_ids), with_image=int(with_image.sum()), from_prior=from_prior,
+                         out=str(out), probs=str(probs_out) if probs_out else None)
+
+
+def report_json(report: EvalReport | PredictReport | Any) -> str:
+    data = report.to_dict() if hasattr(report, "to_dict") else asdict(report)
+    return json.dumps(data, indent=2)
