@@ -176,15 +176,16 @@ def compute(root: Path, stage: str | None = None, tree: Path | str | ProductTree
 
         # Fetch outcomes: raw rows when there are any, else this stage's rows plus its drops.
         if stage == "raw":
-            fetched = t.select(["url", "status"])
+            fetched = _outcomes(t["url"], t["status"])
         elif split in raw_splits:
             fetched = _read(root / "raw" / split, ["url", "status"])
+            fetched = _outcomes(fetched["url"], fetched["status"])
         else:
-            fetched = t.select(["url", "status"])
+            fetched = _outcomes(t["url"], t["status"])
             if dropped is not None:
                 mine = dropped.filter(pc.equal(dropped["split"], split))
                 status = pc.if_else(pc.equal(mine["reason"], FETCH_FAILED), FETCH_FAILED, "ok")
-                fetched = pa.concat_tables([fetched, pa.table({"url": mine["url"], "status": status})])
+                fetched = pa.concat_tables([fetched, _outcomes(mine["url"], status)])
         outcomes.append(fetched)
         statuses = _value_counts(fetched["status"])
         failures = {s: n for s, n in statuses.items() if s != "ok"}
@@ -335,6 +336,14 @@ def _read_dropped(root: Path) -> pa.Table | None:
         raise UserError(f"cannot read {path}: {exc}".splitlines()[0]) from None
 
 
+_OUTCOME_SCHEMA = pa.schema([pa.field("url", pa.string()), pa.field("status", pa.string())])
+
+
+def _outcomes(url: Any, status: Any) -> pa.Table:
+    """(url, status) with one schema whatever the source's nullability, so tables concatenate."""
+    return pa.Table.from_arrays([url, status], schema=_OUTCOME_SCHEMA)
+
+
 def _has_labels(dropped: pa.Table, split: str) -> bool:
     mine = dropped.filter(pc.equal(dropped["split"], split))
     return mine.num_rows > mine["label"].null_count
@@ -455,11 +464,11 @@ def _hierarchy(tree: ProductTree, class_counts: dict[str, dict[int, int]]) -> di
 
 
 def _hosts(outcomes: list[pa.Table], opts: StatsOptions) -> dict[str, Any]:
-    table = pa.concat_tables(outcomes) if outcomes else pa.table({"url": pa.array([], pa.string()),
-                                                                 "status": pa.array([], pa.string())})
+    table = pa.concat_tables(outcomes) if outcomes else _OUTCOME_SCHEMA.empty_table()
     if table.num_rows == 0:
         return {"hosts": 0, "hosts_with_failures": 0, "min_records": opts.host_min_records, "top": []}
     host = pc.utf8_lower(pc.struct_field(pc.extract_regex(table["url"], _HOST_RE), [0]))
+    host = pc.replace_substring_regex(host, r"^\[|\]$", "")  # "[::1]" -> "::1", as urllib names it
     host = pc.fill_null(pc.if_else(pc.equal(host, ""), None, host), NO_HOST)
     failed = pc.cast(pc.fill_null(pc.not_equal(table["status"], "ok"), True), pa.int64())
     frame = pa.table({"host": host, "status": table["status"], "failed": failed})
