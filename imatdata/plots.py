@@ -121,6 +121,7 @@ def plot_image_sizes(orig_short: np.ndarray, stored_short: np.ndarray, served_by
         right.hist(kib, bins=bins, histtype="stepfilled", alpha=0.6, color=_COLORS[2],
                    edgecolor=_COLORS[2], label=f"median {np.median(kib):,.1f} KiB")
         right.set_xscale("log")
+        right.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:,.0f}" if x >= 1 else f"{x:g}"))
         right.set_xlabel("body size as served (KiB, log scale)", fontsize=12)
         right.set_ylabel("images", fontsize=12)
         right.yaxis.set_major_formatter(FuncFormatter(_thousands))
