@@ -97,6 +97,9 @@ class Item:
     headers: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     dup_of: str | None = None  # id of the item this one duplicates (exactly or nearly)
+    # What `imatdata clean` (default flags) should drop this row as, where that is certain:
+    # fetch_failed, undersized, leak, placeholder. None where it depends on which twin is kept.
+    expected_drop: str | None = None
     listed: bool = True  # False: served (e.g. as a redirect target) but not in any list
 
     @property
@@ -324,50 +327,54 @@ def render_product(label: int, rng: _Rand, size: int = 128) -> Image.Image:
     """
     shape, hue, texture = product_style(label)
     g = _np_rng(rng)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    # 1-D coordinates broadcast to 2-D: most work stays single-channel; PIL does the compositing.
+    xs = (np.arange(size, dtype=np.float32) / size)[None, :]
+    ys = (np.arange(size, dtype=np.float32) / size)[:, None]
+    light = _uniform(rng, 0.75, 1.15)  # global exposure, folded into every colour
 
-    # Background: a pale tone with a lighting gradient and sensor-like noise.
-    bg_col = _hsv_to_rgb(_uniform(rng, 0, 1), _uniform(rng, 0.0, 0.25), _uniform(rng, 0.55, 0.95))
+    # Background: a pale tone under a lighting gradient.
+    bg_col = _hsv_to_rgb(_uniform(rng, 0, 1), _uniform(rng, 0.0, 0.25), _uniform(rng, 0.55, 0.95)) * light
     gdir = _uniform(rng, 0, 2 * math.pi)
-    grad = (xx - 0.5) * math.cos(gdir) + (yy - 0.5) * math.sin(gdir)
-    bg = bg_col[None, None, :] * (1.0 + 0.35 * grad[..., None])
+    grad = 1.0 + 0.35 * ((xs - 0.5) * math.cos(gdir) + (ys - 0.5) * math.sin(gdir))
+    bg = Image.fromarray(np.clip(grad[..., None] * bg_col, 0, 255).astype(np.uint8), "RGB")
+    # A distractor blob behind the product, so colour alone is not a pixel count.
+    bx, by, br = (_uniform(rng, 0, 1) * size, _uniform(rng, 0, 1) * size, _uniform(rng, 0.04, 0.09) * size)
+    blob_col = tuple(int(c) for c in np.clip(_hsv_to_rgb(_uniform(rng, 0, 1), 0.5, 0.6) * light, 0, 255))
+    ImageDraw.Draw(bg).ellipse((bx - br, by - br, bx + br, by + br), fill=blob_col)
 
     # Foreground fill: the class hue (jittered) under the class texture.
     h = (hue + _uniform(rng, -0.03, 0.03)) % 1.0
-    col = _hsv_to_rgb(h, _uniform(rng, 0.6, 0.95), _uniform(rng, 0.55, 0.95))
-    fill = np.broadcast_to(col, (size, size, 3)).astype(np.float32)
+    col = _hsv_to_rgb(h, _uniform(rng, 0.6, 0.95), _uniform(rng, 0.55, 0.95)) * light
     period = _uniform(rng, 0.08, 0.14)
     ta = _uniform(rng, 0, math.pi)
-    u = xx * math.cos(ta) + yy * math.sin(ta)
-    v = -xx * math.sin(ta) + yy * math.cos(ta)
+    u = xs * math.cos(ta) + ys * math.sin(ta)
+    v = -xs * math.sin(ta) + ys * math.cos(ta)
     if texture == "stripes":
-        pattern = (np.sin(2 * math.pi * u / period) > 0).astype(np.float32)
+        pattern = np.sin(2 * math.pi * u / period) > 0
     elif texture == "dots":
-        pattern = ((((u / period) % 1 - 0.5) ** 2 + ((v / period) % 1 - 0.5) ** 2) < 0.09).astype(np.float32)
+        pattern = (((u / period) % 1 - 0.5) ** 2 + ((v / period) % 1 - 0.5) ** 2) < 0.09
     elif texture == "checker":
-        pattern = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+        pattern = ((np.floor(u / period) + np.floor(v / period)) % 2) > 0
     else:
-        pattern = np.zeros((size, size), np.float32)
-    fill = fill * (1.0 - 0.45 * pattern[..., None])
+        pattern = np.zeros((size, size), bool)
+    shade = np.where(pattern, np.float32(0.55), np.float32(1.0))
+    fill = Image.fromarray(np.clip(shade[..., None] * col, 0, 255).astype(np.uint8), "RGB")
 
     scale = _uniform(rng, 0.26, 0.40) * size
     cx = size / 2 + _uniform(rng, -0.14, 0.14) * size
     cy = size / 2 + _uniform(rng, -0.14, 0.14) * size
-    mask_img = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask_img)
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
     draw.polygon(_shape_polygon(shape, cx, cy, scale, _uniform(rng, 0, 2 * math.pi)), fill=255)
     if shape == "ring":
         draw.polygon(_shape_polygon("circle", cx, cy, scale * 0.55, 0.0), fill=0)
-    mask = (np.asarray(mask_img, dtype=np.float32) / 255.0)[..., None]
+    img = Image.composite(fill, bg, mask)
 
-    img = bg * (1 - mask) + fill * mask
-    # A distractor blob in a random colour so colour alone is not a pixel count.
-    bx, by, br = _uniform(rng, 0, 1), _uniform(rng, 0, 1), _uniform(rng, 0.04, 0.09)
-    blob = (((xx - bx) ** 2 + (yy - by) ** 2) < br * br)[..., None] * (1 - mask)
-    img = img * (1 - blob) + _hsv_to_rgb(_uniform(rng, 0, 1), 0.5, 0.6)[None, None, :] * blob
-
-    img = img * _uniform(rng, 0.75, 1.15) + g.normal(0.0, _uniform(rng, 3.0, 9.0), img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    # Sensor-like noise: uniform from raw random bytes (scaled to std 3-9), several times
+    # cheaper than Gaussian samples and indistinguishable for this purpose.
+    raw = np.frombuffer(g.bytes(size * size * 3), np.uint8).reshape(size, size, 3)
+    noise = (raw.astype(np.float32) - np.float32(127.5)) * np.float32(_uniform(rng, 3.0, 9.0) / 73.9)
+    return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8), "RGB")
 
 
 def encode(img: Image.Image, fmt: str, **kw: Any) -> bytes:
@@ -509,6 +516,8 @@ class _Builder:
             prefix: str | None = None, ext: str | None = None, **extra: Any) -> Item:
         iid = self.ids(ext)
         content_type = content_type or CONTENT_TYPES.get(_sniff(body or b""), "image/jpeg")
+        if expected != "ok" and split != "test":  # test rows are never dropped
+            extra.setdefault("expected_drop", "fetch_failed")
         item = Item(id=iid, path=f"/{prefix or kind}/{iid}", split=split, label=label, body=body,
                     fault=fault, content_type=content_type, expected_status=expected,
                     host=host or HOSTS[self.n % 2], kind=kind, query=self.ids.query(),
@@ -536,7 +545,9 @@ def _faults_catalogue(seed: int, timeout_hint: float = 2.0) -> Catalogue:
     """Every image oddity and network fault, each item once (plus planted duplicates)."""
     b = _Builder("faults", seed)
     cls = product_classes(N_STYLES)
-    lab = lambda i: cls[i % len(cls)]  # noqa: E731 - a local shorthand keeps the table readable
+
+    def lab(i: int) -> int:
+        return cls[i % len(cls)]
 
     def jpeg(i: int, size: int = 96, **kw: Any) -> bytes:
         return encode(b.product(lab(i), size), "jpeg", **kw)
@@ -563,7 +574,7 @@ def _faults_catalogue(seed: int, timeout_hint: float = 2.0) -> Catalogue:
         b.add(split="train", label=lab(idx), body=_exif_rotated(upright, orient), kind=f"exif_rot{orient}",
               params={"orientation": orient, "upright_size": upright.size})
     b.add(split="train", label=lab(2), body=encode(b.product(lab(2), 30).resize((20, 30)), "jpeg"),
-          kind="tiny", params={"size": (20, 30)})
+          kind="tiny", params={"size": (20, 30)}, expected_drop="undersized")
     large = b.product(lab(3), 250).resize((2000, 1500), Image.Resampling.BILINEAR)
     b.add(split="train", label=lab(3), body=encode(large, "jpeg", quality=80), kind="large",
           params={"size": (2000, 1500)})
@@ -576,12 +587,14 @@ def _faults_catalogue(seed: int, timeout_hint: float = 2.0) -> Catalogue:
           dup_of=base.id)
     other = b.add(split="train", label=lab(4), body=jpeg(4, 104), kind="jpeg")
     b.add(split="train", label=lab(5), body=other.body, kind="cross_class_dup", dup_of=other.id)
-    leak = b.add(split="train", label=lab(6), body=jpeg(6, 108), kind="jpeg")
-    b.add(split="val", label=lab(6), body=leak.body, kind="leak", dup_of=leak.id)
+    held_out = b.add(split="val", label=lab(6), body=jpeg(6, 108), kind="jpeg")
+    b.add(split="train", label=lab(6), body=held_out.body, kind="leak", dup_of=held_out.id,
+          expected_drop="leak")
     ph = encode(placeholder_image(), "jpeg", quality=85)
     first_ph: str | None = None
     for k in range(12):  # 12 URLs over 4 classes: over the default 10 URLs / 3 classes
-        it = b.add(split="train", label=lab(k % 4), body=ph, kind="placeholder", dup_of=first_ph)
+        it = b.add(split="train", label=lab(k % 4), body=ph, kind="placeholder", dup_of=first_ph,
+                   expected_drop="placeholder")
         first_ph = first_ph or it.id
 
     # --- network faults ------------------------------------------------------------------
@@ -616,6 +629,8 @@ def _faults_catalogue(seed: int, timeout_hint: float = 2.0) -> Catalogue:
           params={"decoded_length": 30 * MIB})
     fault("empty", "not_image", body=b"")
     fault("noai", "opted_out", headers={"X-Robots-Tag": "noai"})
+    # A directive for another crawler's token does not apply to imat.
+    fault("noai_otherbot", "ok", headers={"X-Robots-Tag": "otherbot: noai, noimageai"})
 
     # --- val and test: a few plain images, one failure in test -------------------------------
     for i in range(4):
@@ -678,7 +693,7 @@ def _demo_catalogue(seed: int, n_classes: int = N_STYLES, train_max: int = 56, t
           expected="decode_error")
     b.add(split="train", label=c0, body=_html_page(), kind="html", fault="html", expected="not_image")
     b.add(split="train", label=c1, body=encode(b.product(c1, 30).resize((24, 32)), "jpeg"), kind="tiny",
-          params={"size": (24, 32)})
+          params={"size": (24, 32)}, expected_drop="undersized")
     b.add(split="train", label=c2, body=None, kind="redirect_private", fault="redirect_private",
           expected="blocked", status=302, params={"location": PRIVATE_REDIRECT})
     for label in (c0, c1):
@@ -688,10 +703,13 @@ def _demo_catalogue(seed: int, n_classes: int = N_STYLES, train_max: int = 56, t
     near = img.resize((round(img.width * 0.95), round(img.height * 0.95)), Image.Resampling.LANCZOS)
     b.add(split="train", label=c2, body=encode(near, "jpeg", quality=70), kind="near_dup",
           dup_of=firsts[c2].id)
+    val_img = b.cat.where(split="val", label=c0)[0]
+    b.add(split="train", label=c0, body=val_img.body, kind="leak", dup_of=val_img.id, expected_drop="leak")
     ph = encode(placeholder_image(), "jpeg", quality=85)
     first_ph: str | None = None
     for k in range(10):  # 10 URLs over 4 classes
-        it = b.add(split="train", label=cls[k % 4], body=ph, kind="placeholder", dup_of=first_ph)
+        it = b.add(split="train", label=cls[k % 4], body=ph, kind="placeholder", dup_of=first_ph,
+                   expected_drop="placeholder")
         first_ph = first_ph or it.id
     return b.cat
 
@@ -746,13 +764,43 @@ def _photo_base(g: np.random.Generator, side: int) -> Image.Image:
     return Image.fromarray(np.clip(acc, 0, 255).astype(np.uint8), "RGB")
 
 
+class PhotoCorpus(Sequence[bytes]):
+    """A lazy sequence of `n` photo-like JPEGs; item i is built on access from a small pool.
+
+    Holding 10,000 realistic JPEGs costs about 1 GB; this holds only the pool.
+    """
+
+    def __init__(self, n: int, pool: list[bytes], seed: int) -> None:
+        self._n, self._pool, self._seed = n, pool, seed
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _get(self, i: int) -> bytes:
+        src = self._pool[i % len(self._pool)]
+        if i < len(self._pool):
+            return src
+        # A COM segment right after SOI: new bytes (and sha256), same pixels.
+        comment = f"imat sample {self._seed}:{i}".encode()
+        return src[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + src[2:]
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._get(k) for k in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self._get(i)
+
+
 def photo_corpus(n: int, seed: int = 0, min_side: int = 600, max_side: int = 900,
-                 pool: int = 48) -> list[bytes]:
-    """`n` photo-like JPEGs (about 60-200 KB each, sides in [min_side, max_side]).
+                 pool: int = 48, lazy: bool = False) -> list[bytes] | PhotoCorpus:
+    """`n` photo-like JPEGs (60-200 KB each at the default sides, sides in [min_side, max_side]).
 
     `pool` distinct crops/flips/qualities are encoded; the rest reuse them with a unique JPEG
     comment segment, so every item has distinct bytes (and sha256) while 10,000 items take
-    seconds rather than minutes.
+    seconds rather than minutes. `lazy=True` returns a PhotoCorpus sequence instead of a list.
     """
     g = np.random.default_rng(seed)
     n_bases = max(1, min(pool, n, 8))
@@ -765,13 +813,10 @@ def photo_corpus(n: int, seed: int = 0, min_side: int = 600, max_side: int = 900
         img = img.crop((x0, y0, x0 + w, y0 + h))
         if g.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        encoded.append(encode(img, "jpeg", quality=int(g.integers(72, 90))))
-    out = list(encoded)
-    for i in range(len(encoded), n):
-        src = encoded[i % len(encoded)]
-        comment = f"imat sample {seed}:{i}".encode()
-        out.append(src[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + src[2:])
-    return out
+        # Quality 84-88 keeps 600x600..900x900 of this content within 60-200 KB.
+        encoded.append(encode(img, "jpeg", quality=int(g.integers(84, 89))))
+    corpus = PhotoCorpus(n, encoded, seed)
+    return corpus if lazy else list(corpus)
 
 
 # --------------------------------------------------------------------------------------------
@@ -791,10 +836,14 @@ class SampleServer:
     Instrumentation: `counter[path]` requests per path (query excluded), `request_times[path]`
     their time.monotonic() arrival times, `max_concurrency(host)` peak in-flight requests per
     Host header name. Stateful faults (503/429 then success) count from `reset_counters()`.
+    `track_paths=False` keeps per-path records for catalogue items only, so a million
+    /tiny/{i}.jpg requests do not grow the server's memory (they count under "/tiny/*").
     """
 
-    def __init__(self, catalogue: Catalogue, *, shutdown_timeout: float = 0.5) -> None:
+    def __init__(self, catalogue: Catalogue, *, shutdown_timeout: float = 0.5,
+                 track_paths: bool = True) -> None:
         self.catalogue = catalogue
+        self.track_paths = track_paths
         self.port: int = 0
         self.counter: Counter[str] = Counter()
         self.request_times: dict[str, list[float]] = defaultdict(list)
@@ -871,9 +920,11 @@ class SampleServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         host = _host_name(request.host)
-        self.counter[path] += 1
-        nth = self.counter[path]
-        self.request_times[path].append(time.monotonic())
+        key = path if self.track_paths or path in self.catalogue.by_path else self._bucket(path)
+        self.counter[key] += 1
+        nth = self.counter[key]
+        if self.track_paths:
+            self.request_times[key].append(time.monotonic())
         self._inflight[host] += 1
         self._peak[host] = max(self._peak[host], self._inflight[host])
         self._peak_all = max(self._peak_all, sum(self._inflight.values()))
@@ -884,6 +935,12 @@ class SampleServer:
             return await self._respond(request, item, nth)
         finally:
             self._inflight[host] -= 1
+
+    def _bucket(self, path: str) -> str:
+        for rng in self.catalogue.ranges:
+            if path.startswith(rng.prefix):
+                return rng.prefix + "*"
+        return "*"
 
     async def _respond(self, request: web.Request, item: Item, nth: int) -> web.StreamResponse:
         p = item.params
@@ -1056,8 +1113,8 @@ def write_lists(catalogue: Catalogue, srv: _HasUrl, out_dir: Path | str, fmt: st
 # CLI: python -m imatdata.sample serve --out DIR
 
 
-async def _serve_forever(kind: str, seed: int, out: Path) -> None:
-    catalogue = build_catalogue(kind, seed)
+async def _serve_forever(kind: str, seed: int, out: Path, records: int) -> None:
+    catalogue = big_catalogue(records, seed) if kind == "big" else build_catalogue(kind, seed)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1065,7 +1122,7 @@ async def _serve_forever(kind: str, seed: int, out: Path) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # Windows: fall back to signal.signal
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop.set))
-    async with SampleServer(catalogue) as srv:
+    async with SampleServer(catalogue, track_paths=kind != "big") as srv:
         paths = write_lists(catalogue, srv, out)
         write_bytes_atomic(json.dumps({"port": srv.port, "pid": os.getpid(), "kind": kind, "seed": seed,
                                        "url": srv.base_url,
@@ -1082,11 +1139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the server, write the URL lists and server.json")
     serve.add_argument("--out", type=Path, required=True, help="folder for train/val/test.json and server.json")
-    serve.add_argument("--kind", choices=("demo", "faults"), default="demo")
+    serve.add_argument("--kind", choices=("demo", "faults", "big"), default="demo")
     serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--records", type=int, default=1_000_000, help="list length for --kind big")
     args = parser.parse_args(argv)
     try:
-        asyncio.run(_serve_forever(args.kind, args.seed, args.out))
+        asyncio.run(_serve_forever(args.kind, args.seed, args.out, args.records))
     except KeyboardInterrupt:
         pass
     return 0
