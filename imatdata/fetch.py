@@ -1,0 +1,655 @@
+"""`imatdata fetch`: URL lists in, raw Parquet shards out, every record exactly once.
+
+The run, in order:
+1. validate every source (streaming; nothing written on a bad file);
+2. read what earlier runs finished: the raw shards and the journal (metadata columns only);
+3. stream the records again; those without a result go to the network (`download`), their
+   bodies to a process pool (`images`), and every outcome to an append-only journal of
+   small Parquet files flushed every few hundred rows or second;
+4. when every record has a row, rebuild `raw/<split>/` from shards + journal (the newest
+   row per record wins), drop the journal, write the summary and the class statistics.
+
+A `kill -9` at any moment loses only the requests in flight and the rows not yet flushed:
+rerunning the same command reads the journal back and continues. Memory stays flat in the
+length of the list: records stream, tasks and queued bodies are bounded, and per-record
+state is one 8-byte key in sorted numpy arrays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imatdata import images as imagework
+from imatdata.download import Download, Fetcher, NetConfig
+from imatdata.errors import UserError
+from imatdata.manifest import (RAW_SCHEMA, STATUSES, list_shards, remove_stale_temps, resolve_root,
+                               split_dir, write_bytes_atomic, write_split, write_table_atomic)
+from imatdata.sources import (Record, ScanResult, Source, invalid_key, read_records, record_key,
+                              resolve_sources, scan_sources)
+
+JOURNAL_DIR = ".journal"
+LOCK_NAME = ".fetch.lock"
+SUMMARY_NAME = "fetch_summary.json"
+JOURNAL_SCHEMA = RAW_SCHEMA.append(pa.field("_key", pa.uint64(), nullable=False))
+FAILED = tuple(s for s in STATUSES if s != "ok")
+_STATUS_CODE = {s: i for i, s in enumerate(STATUSES)}
+_NO_KEY = np.uint64(0)  # rows of earlier runs that carry no resumable key (old invalid rows)
+
+
+@dataclass
+class FetchOptions:
+    """Everything one `imatdata fetch` run needs; the CLI fills it from flags."""
+
+    sources: Sequence[str | Path]
+    root: Path | None = None
+    split: str | None = None
+    net: NetConfig = field(default_factory=NetConfig)
+    max_side: int = 512
+    limit: int | None = None
+    retry_failed: bool = False
+    skip_invalid: bool = False
+    quiet: bool = False
+    workers: int | None = None
+    max_pixels: int = imagework.DEFAULT_MAX_PIXELS
+    journal_rows: int = 512
+    journal_seconds: float = 1.0
+    shard_rows: int = 50_000
+    # Records being worked on at once (waiting for a host slot, downloading, decoding).
+    # More than --concurrency so one busy host cannot idle the others.
+    pending: int | None = None
+    # Bodies queued for the pool beyond one per worker: keeps the cores fed, bounds memory.
+    image_queue_per_worker: int = 4
+    stats: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_side < 0:
+            raise UserError("--max-side must be 0 (no limit) or a positive number of pixels")
+        if self.workers is not None and self.workers < 1:
+            raise UserError("--workers must be at least 1")
+
+
+@dataclass
+class FetchSummary:
+    """What a run did (this run) and what raw/ now holds (all runs)."""
+
+    root: str
+    elapsed_s: float
+    records: int
+    already_done: int
+    attempted: int
+    this_run: dict[str, int]
+    splits: dict[str, dict[str, int]]
+    requests: int
+    retries: int
+    host_pauses: int
+    hosts_given_up: int
+    bytes_downloaded: int
+    images_per_s: float
+    rows_dropped_not_in_input: int
+    shards: dict[str, list[str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))  # respects taskset / container CPU sets
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def is_transient(status: str, http_status: int | None) -> bool:
+    """Failures that another try may fix (what --retry-failed re-attempts)."""
+    if status in ("timeout", "connection_error"):
+        return True
+    return status == "http_error" and http_status is not None and (
+        http_status >= 500 or http_status in (408, 429))
+
+
+# --- the store: raw shards + journal ------------------------------------------------------------
+
+
+def journal_dir(root: Path, split: str) -> Path:
+    return root / "raw" / JOURNAL_DIR / split
+
+
+def journal_files(root: Path, split: str) -> list[Path]:
+    folder = journal_dir(root, split)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("j-") and p.suffix == ".parquet")
+
+
+@dataclass
+class StoreIndex:
+    """Metadata of every row stored for one split (shards first, then journal, oldest first)."""
+
+    files: list[Path]
+    file_of: np.ndarray  # int32 per row
+    keys: np.ndarray  # uint64 per row (_NO_KEY when not resumable)
+    status: np.ndarray  # uint8 STATUSES index per row
+    transient: np.ndarray  # bool per row
+
+    def latest(self) -> np.ndarray:
+        """Row numbers of the newest row of each key (rows without a key excluded)."""
+        if self.keys.size == 0:
+            return np.empty(0, dtype=np.int64)
+        order = np.argsort(self.keys, kind="stable")  # equal keys keep file order
+        sorted_keys = self.keys[order]
+        last = np.ones(order.size, dtype=bool)
+        last[:-1] = sorted_keys[:-1] != sorted_keys[1:]
+        rows = order[last]
+        return rows[self.keys[rows] != _NO_KEY]
+
+
+def index_store(root: Path, split: str) -> StoreIndex:
+    shards = list_shards(split_dir(root, "raw", split))
+    journal = journal_files(root, split)
+    files = shards + journal
+    file_of, keys, status, transient = [], [], [], []
+    for n, path in enumerate(files):
+        is_journal = n >= len(shards)
+        columns = ["id", "status", "http_status"] + (["_key"] if is_journal else [])
+        try:
+            with pq.ParquetFile(path) as pf:
+                # Batch by batch: a million ids never sit in memory as Python strings.
+                for batch in pf.iter_batches(batch_size=65_536, columns=columns):
+                    st = batch.column(1).to_pylist()
+                    hs = batch.column(2).to_pylist()
+                    if is_journal:
+                        k = batch.column(3).to_numpy(zero_copy_only=False).astype(np.uint64)
+                    else:
+                        ids = batch.column(0).to_pylist()
+                        # Invalid rows are rebuilt from the input on every run: no key needed.
+                        k = np.fromiter((_NO_KEY if s == "invalid" else record_key(split, i)
+                                         for i, s in zip(ids, st)), dtype=np.uint64, count=len(ids))
+                    file_of.append(np.full(len(st), n, dtype=np.int32))
+                    keys.append(k)
+                    status.append(np.fromiter((_STATUS_CODE.get(s, 0) for s in st), dtype=np.uint8,
+                                              count=len(st)))
+                    transient.append(np.fromiter((is_transient(s, h) for s, h in zip(st, hs)), dtype=bool,
+                                                 count=len(st)))
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{path}: unreadable ({exc}); move it away and rerun to fetch its rows again") from None
+
+    def cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+    return StoreIndex(files, cat(file_of, np.int32), cat(keys, np.uint64), cat(status, np.uint8),
+                      cat(transient, bool))
+
+
+def done_keys(index: StoreIndex, wanted: np.ndarray, retry_failed: bool) -> np.ndarray:
+    """Sorted keys of `wanted` records that already have a row (and need no retry)."""
+    rows = index.latest()
+    if retry_failed:
+        rows = rows[~index.transient[rows]]
+    keys = np.sort(index.keys[rows])
+    return keys[_member(keys, wanted)]
+
+
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if sorted_set.size == 0 or values.size == 0:
+        return np.zeros(values.size, dtype=bool)
+    pos = np.searchsorted(sorted_set, values)
+    pos[pos >= sorted_set.size] = 0
+    return sorted_set[pos] == values
+
+
+class Journal:
+    """Append-only rows of one run: small Parquet files, each written whole then renamed, so a
+    crash leaves complete files only (at most the unflushed rows are lost)."""
+
+    def __init__(self, root: Path, flush_rows: int, flush_seconds: float) -> None:
+        self.root = root
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self._run = f"{int(time.time() * 1000):013d}"
+        self._seq = 0
+        self._buffers: dict[str, list[dict[str, Any]]] = {}
+        self._buffered = 0
+        self._last_flush = time.monotonic()
+        self._lock = asyncio.Lock()
+        self.rows_written = 0
+
+    def add(self, split: str, row: dict[str, Any]) -> None:
+        self._buffers.setdefault(split, []).append(row)
+        self._buffered += 1
+
+    def due(self) -> bool:
+        return self._buffered >= self.flush_rows or (
+            self._buffered > 0 and time.monotonic() - self._last_flush >= self.flush_seconds)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            buffers, self._buffers, self._buffered = self._buffers, {}, 0
+            self._last_flush = time.monotonic()
+            for split, rows in buffers.items():
+                if rows:
+                    path = self._next_path(split)
+                    # Encoding and fsync happen off the event loop so downloads keep moving.
+                    await asyncio.to_thread(_write_journal_file, rows, path)
+                    self.rows_written += len(rows)
+
+    def flush_now(self) -> None:
+        """Synchronous flush for the interrupt path, when the loop is going away."""
+        buffers, self._buffers, self._buffered = self._buffers, {}, 0
+        for split, rows in buffers.items():
+            if rows:
+                _write_journal_file(rows, self._next_path(split))
+                self.rows_written += len(rows)
+
+    def _next_path(self, split: str) -> Path:
+        self._seq += 1
+        return journal_dir(self.root, split) / f"j-{self._run}-{self._seq:08d}.parquet"
+
+
+def _write_journal_file(rows: list[dict[str, Any]], path: Path) -> None:
+    table = pa.Table.from_pylist(rows, schema=JOURNAL_SCHEMA)
+    # Images are JPEGs already; compressing the journal would only burn CPU.
+    write_table_atomic(table, path, compression="none")
+
+
+# --- rows ---------------------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def base_row(split: str, rec: Record, key: int) -> dict[str, Any]:
+    return {"id": rec.id, "split": split, "label": rec.label, "url": rec.url, "_key": key,
+            "attempts": 0, "fetched_at": _now()}
+
+
+def failure_row(split: str, rec: Record, key: int, d: Download) -> dict[str, Any]:
+    row = base_row(split, rec, key)
+    row.update(status=d.status, error=d.error, http_status=d.http_status, attempts=min(d.attempts, 127))
+    return row
+
+
+def image_row(split: str, rec: Record, key: int, d: Download, res: imagework.ImageResult) -> dict[str, Any]:
+    row = base_row(split, rec, key)
+    row.update(status=res.status, error=res.error, http_status=d.http_status, attempts=min(d.attempts, 127),
+               orig_bytes=res.orig_bytes, sha256=res.sha256, orig_width=res.orig_width,
+               orig_height=res.orig_height)
+    if res.status == "ok":
+        row.update(image=res.image, image_format=res.image_format, width=res.width, height=res.height)
+    return row
+
+
+# --- the image pool -------------------------------------------------------------------------------
+
+
+class ImagePool:
+    """Process pool for the image work (spawn: no fork of a process running an event loop).
+
+    A decoder that crashes its worker (a hostile file can) breaks the whole pool; the pool
+    is rebuilt and the body retried once, then recorded as decode_error.
+    """
+
+    def __init__(self, workers: int, max_side: int, max_pixels: int, queue: int) -> None:
+        self.workers = workers
+        self.max_side = max_side
+        self.max_pixels = max_pixels
+        self._slots = asyncio.Semaphore(queue)
+        self._generation = 0
+        self._pool = self._make()
+
+    def _make(self) -> concurrent.futures.ProcessPoolExecutor:
+        return concurrent.futures.ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=imagework.worker_init)
+
+    async def process(self, body: bytes) -> imagework.ImageResult:
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            for _ in range(2):
+                generation = self._generation
+                try:
+                    return await loop.run_in_executor(self._pool, imagework.process_image, body,
+                                                      self.max_side, self.max_pixels)
+                except concurrent.futures.process.BrokenProcessPool:
+                    if generation == self._generation:
+                        self._generation += 1
+                        self._pool.shutdown(wait=False, cancel_futures=True)
+                        self._pool = self._make()
+        return imagework.ImageResult("decode_error", "the decoder crashed on this file", orig_bytes=len(body))
+
+    def warm_up(self) -> None:
+        # Start the workers now, while input is validated, not when the first body arrives.
+        for _ in range(self.workers):
+            self._pool.submit(imagework.worker_init)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Counters:
+    done: int = 0
+    ok: int = 0
+    failed: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    by_split: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def count(self, split: str, status: str) -> None:
+        self.done += 1
+        if status == "ok":
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.by_status[status] += 1
+        self.by_split.setdefault(split, Counter())[status] += 1
+
+
+class Progress:
+    """A rich progress line (done/total, ok, failed, images/s, ETA); silent with --quiet."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total = total
+        self.quiet = quiet
+        self.started = time.monotonic()
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> Progress:
+        if not self.quiet:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = RichProgress(
+                TextColumn("[bold]fetch"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[green]ok {task.fields[ok]}"), TextColumn("[red]failed {task.fields[failed]}"),
+                TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=Console(stderr=True), refresh_per_second=4)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("fetch", total=self.total, ok=0, failed=0, rate="0.0")
+        return self
+
+    def update(self, c: Counters) -> None:
+        if self._bar is not None:
+            elapsed = max(1e-6, time.monotonic() - self.started)
+            self._bar.update(self._task, completed=c.done, ok=c.ok, failed=c.failed, rate=f"{c.ok / elapsed:.1f}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+class _RunLock:
+    """One fetch per root at a time; the OS drops the lock when the process dies (kill -9 too)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: Any = None
+
+    def __enter__(self) -> _RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+b")
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                self._fh.seek(0)
+                msvcrt.locking(self._fh.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            raise UserError(f"another imatdata fetch is writing {self.path.parent}; wait for it or stop it") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases flock/msvcrt locks
+
+
+def run_fetch(opts: FetchOptions) -> FetchSummary:
+    """Validate, fetch what is missing, rebuild raw/ shards, write summary and stats."""
+    root = resolve_root(opts.root)
+    started = time.monotonic()
+    # Validation comes first and writes nothing: a bad list leaves the disk as it was.
+    sources = resolve_sources(opts.sources, opts.split)
+    scan = scan_sources(sources, limit=opts.limit, skip_invalid=opts.skip_invalid)
+    with _RunLock(root / "raw" / LOCK_NAME):
+        done: dict[str, np.ndarray] = {}
+        for split, wanted in scan.split_keys.items():
+            remove_stale_temps(split_dir(root, "raw", split))
+            remove_stale_temps(journal_dir(root, split))
+            done[split] = done_keys(index_store(root, split), wanted, opts.retry_failed)
+        already = sum(int(d.size) for d in done.values())
+        total = sum(int(k.size) for k in scan.split_keys.values())
+        journal = Journal(root, opts.journal_rows, opts.journal_seconds)
+        counters = Counters()
+        fetcher_stats: dict[str, int] = {}
+        if total - already > 0:
+            fetcher_stats = asyncio.run(_fetch_all(opts, root, sources, scan, done, journal, counters,
+                                                   total - already))
+        splits, shards, dropped = {}, {}, 0
+        for split, wanted in scan.split_keys.items():
+            counts, paths, extra = finalize_split(root, split, wanted, opts.shard_rows)
+            splits[split], shards[split], dropped = counts, [str(p) for p in paths], dropped + extra
+    elapsed = time.monotonic() - started
+    summary = FetchSummary(
+        root=str(root), elapsed_s=round(elapsed, 3), records=total, already_done=already,
+        attempted=counters.done, this_run=dict(counters.by_status), splits=splits,
+        requests=fetcher_stats.get("requests", 0), retries=fetcher_stats.get("retries", 0),
+        host_pauses=fetcher_stats.get("host_pauses", 0), hosts_given_up=fetcher_stats.get("hosts_given_up", 0),
+        bytes_downloaded=fetcher_stats.get("bytes_in", 0),
+        images_per_s=round(counters.ok / elapsed, 2) if elapsed > 0 else 0.0,
+        rows_dropped_not_in_input=dropped, shards=shards)
+    write_bytes_atomic((json.dumps(summary.to_json(), indent=2) + "\n").encode(), root / "raw" / SUMMARY_NAME)
+    if opts.stats:
+        from imatdata.stats import write_stats
+
+        write_stats(root, stage="raw")
+    return summary
+
+
+async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan: ScanResult,
+                     done: dict[str, np.ndarray], journal: Journal, counters: Counters, total: int) -> dict[str, int]:
+    workers = opts.workers or default_workers()
+    pool = ImagePool(workers, opts.max_side, opts.max_pixels, workers * (1 + opts.image_queue_per_worker))
+    pool.warm_up()
+    pending = asyncio.Semaphore(opts.pending or max(2 * opts.net.concurrency, 64))
+    tasks: set[asyncio.Task[None]] = set()
+    failures: list[BaseException] = []
+
+    async def one(split: str, rec: Record, key: int) -> None:
+        try:
+            d = await fetcher.fetch(rec.url or "")
+            if d.status == "ok" and d.body is not None:
+                res = await pool.process(d.body)
+                row = image_row(split, rec, key, d, res)
+            else:
+                row = failure_row(split, rec, key, d)
+            journal.add(split, row)
+            counters.count(split, row["status"])
+        except Exception as exc:  # a bug, not a network problem: stop the run, keep the journal
+            failures.append(exc)
+        finally:
+            pending.release()
+
+    async def ticker(progress: Progress) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            progress.update(counters)
+            if journal.due():
+                await journal.flush()
+
+    with Progress(total, opts.quiet) as progress:
+        tick = asyncio.create_task(ticker(progress))
+        try:
+            async with Fetcher(opts.net) as fetcher:
+                for scanned in scan.sources:
+                    src = scanned.source
+                    split_done = done[src.split]
+                    for rec in read_records(src, opts.limit):
+                        if failures:
+                            raise failures[0]
+                        problem = scanned.invalid.get(rec.index)
+                        key = (invalid_key(src.split, src.path.name, rec.index) if problem is not None
+                               else record_key(src.split, rec.id))
+                        if _contains(split_done, key):
+                            continue
+                        if problem is not None:
+                            row = base_row(src.split, rec, key)
+                            row.update(status="invalid", error=problem)
+                            journal.add(src.split, row)
+                            counters.count(src.split, "invalid")
+                            continue
+                        await pending.acquire()
+                        task = asyncio.create_task(one(src.split, rec, key))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                        if journal.due():
+                            await journal.flush()
+                if tasks:
+                    await asyncio.gather(*tasks)
+                if failures:
+                    raise failures[0]
+                stats = fetcher.stats
+            await journal.flush()
+            progress.update(counters)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            journal.flush_now()  # keep every finished row: the rerun resumes after them
+            raise
+        finally:
+            tick.cancel()
+            pool.shutdown()
+    return {"requests": stats.requests, "retries": stats.retries, "host_pauses": stats.host_pauses,
+            "hosts_given_up": stats.hosts_given_up, "bytes_in": stats.bytes_in}
+
+
+def _contains(sorted_keys: np.ndarray, key: int) -> bool:
+    if sorted_keys.size == 0:
+        return False
+    k = np.uint64(key)
+    i = int(np.searchsorted(sorted_keys, k))
+    return i < sorted_keys.size and sorted_keys[i] == k
+
+
+# --- finalising -----------------------------------------------------------------------------------
+
+
+def finalize_split(root: Path, split: str, wanted: np.ndarray, shard_rows: int) -> tuple[dict[str, int], list[Path], int]:
+    """Rebuild raw/<split>/ from its shards and journal: one row per wanted record, the newest.
+
+    Returns (status counts, shard paths, rows of earlier runs dropped because their record
+    is not in this input). The journal is removed only once the new shards are in place.
+    """
+    index = index_store(root, split)
+    rows = index.latest()
+    in_input = _member(index.keys[rows], wanted)
+    keep_rows = np.sort(rows[in_input])
+    missing = int(wanted.size - keep_rows.size)
+    if missing:
+        raise UserError(f"raw/{split}: {missing} records have no result yet; rerun the same command to fetch them")
+    stale = int(np.count_nonzero(~in_input))
+    journal = [p for p in index.files if p.parent == journal_dir(root, split)]
+    untouched = not journal and stale == 0 and keep_rows.size == index.keys.size
+    folder = split_dir(root, "raw", split)
+    if untouched and list_shards(folder):
+        paths = list_shards(folder)
+    else:
+        keep = np.zeros(index.keys.size, dtype=bool)
+        keep[keep_rows] = True
+        paths = write_split(folder, _kept_batches(index, keep), RAW_SCHEMA, shard_rows=shard_rows)
+    for p in journal:
+        p.unlink(missing_ok=True)
+    counts = Counter(STATUSES[c] for c in index.status[keep_rows].tolist())
+    return {s: counts.get(s, 0) for s in STATUSES if counts.get(s, 0)} | {"records": int(keep_rows.size)}, paths, stale
+
+
+def _kept_batches(index: StoreIndex, keep: np.ndarray) -> Iterator[pa.RecordBatch]:
+    offset = 0
+    for n, path in enumerate(index.files):
+        count = int(np.count_nonzero(index.file_of == n))
+        mask = keep[offset:offset + count]
+        offset += count
+        if not mask.any():
+            continue
+        with pq.ParquetFile(path) as pf:
+            at = 0
+            for batch in pf.iter_batches(batch_size=1024, columns=RAW_SCHEMA.names):
+                part = mask[at:at + batch.num_rows]
+                at += batch.num_rows
+                if part.all():
+                    yield batch
+                elif part.any():
+                    yield batch.filter(pa.array(part))
+
+
+# --- CLI helpers ----------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(text: str | int, flag: str = "--max-bytes") -> int:
+    """'20MiB', '512KB', '1.5GB', '1048576' -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    if isinstance(text, int):
+        return text
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise UserError(f"{flag} {text!r}: use a number of bytes with an optional unit, e.g. 20MiB, 512KB, 1000000")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def render_summary(summary: FetchSummary, console: Any) -> None:
+    """The end-of-run table: rows by status, one column per split, plus this run's figures."""
+    from rich.table import Table
+
+    splits = list(summary.splits)
+    table = Table(title=f"imatdata fetch: {summary.records} records in {summary.root}/raw")
+    table.add_column("status")
+    for split in splits:
+        table.add_column(split, justify="right")
+    table.add_column("total", justify="right")
+    for status in STATUSES:
+        values = [summary.splits[s].get(status, 0) for s in splits]
+        if any(values):
+            table.add_row(status, *(str(v) for v in values), str(sum(values)))
+    table.add_row("[bold]records", *(str(summary.splits[s]["records"]) for s in splits), str(summary.records))
+    console.print(table)
+    console.print(
+        f"this run: {summary.attempted} records in {summary.elapsed_s:.1f}s "
+        f"({summary.already_done} already done), {summary.this_run.get('ok', 0)} ok, "
+        f"{summary.images_per_s:.1f} images/s, {summary.requests} requests, {summary.retries} retries"
+        + (f", {summary.hosts_given_up} hosts given up" if summary.hosts_given_up else ""))
+    if summary.rows_dropped_not_in_input:
+        console.print(f"dropped {summary.rows_dropped_not_in_input} rows of earlier runs whose records are not in "
+                      "this input")
+    console.print(f"shards: {summary.root}/raw/<split>/part-*.parquet; summary: {summary.root}/raw/{SUMMARY_NAME}")
