@@ -51,6 +51,57 @@ def run_command(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 # Commands are registered by their modules' CLI sections below; each keeps its own flags.
 # fetch --------------------------------------------------------------------------------------
+@app.command()
+def fetch(
+    sources: list[str] = typer.Argument(..., help="URL lists: iMaterialist .json, .jsonl, .csv or .parquet "
+                                        "(columns id,url[,class]); the split is the file's stem."),
+    root: str = typer.Option(None, "--root", help="Manifest root (default: $IMAT_ROOT, else ./manifests)."),
+    split: str = typer.Option(None, "--split", help="Split name for all sources (default: each file's stem)."),
+    concurrency: int = typer.Option(256, "--concurrency", help="Requests in flight at most, all hosts together."),
+    per_host: int = typer.Option(16, "--per-host", help="Requests in flight at most per host."),
+    retries: int = typer.Option(3, "--retries", help="Extra attempts on timeouts, connection errors, 5xx, 408, 429."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Deadline in seconds for each whole attempt "
+                                  "(connect to last byte, redirects included)."),
+    max_bytes: str = typer.Option("20MiB", "--max-bytes", help="Largest body accepted, decoded (e.g. 20MiB, 512KB)."),
+    max_side: int = typer.Option(512, "--max-side", help="Shrink the longer side to this many pixels (0: keep size)."),
+    limit: int = typer.Option(None, "--limit", help="Take only the first N records of each source."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-attempt rows whose failure was transient "
+                                      "(timeout, connection_error, HTTP 5xx/408/429)."),
+    allow_private: bool = typer.Option(False, "--allow-private", help="Allow loopback/private/link-local addresses."),
+    allow_net: list[str] = typer.Option(None, "--allow-net", help="Allow this otherwise refused network "
+                                        "(CIDR, repeatable), e.g. 127.0.0.0/8."),
+    insecure: bool = typer.Option(False, "--insecure", help="Do not verify HTTPS certificates."),
+    ignore_optout: bool = typer.Option(False, "--ignore-optout", help="Fetch images whose X-Robots-Tag says "
+                                       "noai/noimageai/noindex/noimageindex."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Record bad input records as status=invalid "
+                                      "instead of stopping."),
+    user_agent: str = typer.Option(None, "--user-agent", help="User-Agent header (its first token is the name "
+                                   "X-Robots-Tag rules are matched against)."),
+    workers: int = typer.Option(None, "--workers", help="Processes for image decoding (default: all cores)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no summary table."),
+) -> None:
+    """Download URL lists into raw Parquet shards (<root>/raw/<split>/), one row per record, resumable."""
+
+    def _run() -> None:
+        from rich.console import Console
+
+        from imatdata import fetch as fetch_mod
+        from imatdata.download import DEFAULT_USER_AGENT, NetConfig
+
+        net = NetConfig(concurrency=concurrency, per_host=per_host, retries=retries, timeout=timeout,
+                        max_bytes=fetch_mod.parse_size(max_bytes), allow_private=allow_private,
+                        allow_nets=tuple(allow_net or ()), insecure=insecure, ignore_optout=ignore_optout,
+                        user_agent=user_agent or DEFAULT_USER_AGENT)
+        opts = fetch_mod.FetchOptions(sources=sources, root=root, split=split, net=net, max_side=max_side,
+                                      limit=limit, retry_failed=retry_failed, skip_invalid=skip_invalid,
+                                      quiet=quiet, workers=workers)
+        summary = fetch_mod.run_fetch(opts)
+        if not quiet:
+            fetch_mod.render_summary(summary, Console())
+
+    run_command(_run)
+
+
 # clean --------------------------------------------------------------------------------------
 # stats --------------------------------------------------------------------------------------
 
