@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from aiohttp import web
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 from imatdata.manifest import commit_file, temp_path_for, write_bytes_atomic
 
@@ -424,13 +424,19 @@ def png_bomb(width: int = 40000, height: int = 40000) -> bytes:
 
 
 def jpeg_bomb(small_jpeg: bytes, width: int = 40000, height: int = 40000) -> bytes:
-    """`small_jpeg` with its SOF frame header patched to claim width x height."""
-    for marker in (b"\xff\xc0", b"\xff\xc2"):
-        at = small_jpeg.find(marker)
-        if at >= 0:
+    """`small_jpeg` with its frame header (SOFn) patched to claim width x height."""
+    sof = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+    at = 2  # walk the marker segments after SOI; table data may contain FF Cx bytes
+    while at + 4 <= len(small_jpeg) and small_jpeg[at] == 0xFF:
+        marker = small_jpeg[at + 1]
+        length = struct.unpack(">H", small_jpeg[at + 2:at + 4])[0]
+        if marker in sof:
             # SOF: marker(2) length(2) precision(1) height(2) width(2)
             return small_jpeg[:at + 5] + struct.pack(">HH", height, width) + small_jpeg[at + 9:]
-    raise ValueError("no SOF0/SOF2 marker in JPEG")
+        if marker == 0xDA:  # start of scan: no frame header before it
+            break
+        at += 2 + length
+    raise ValueError("no frame header (SOFn) in JPEG")
 
 
 def placeholder_image(size: int = 120) -> Image.Image:
@@ -541,7 +547,7 @@ def _sniff(body: bytes) -> str:
     return "other"
 
 
-def _faults_catalogue(seed: int, timeout_hint: float = 2.0) -> Catalogue:
+def _faults_catalogue(seed: int, trickle_seconds: float = 60.0) -> Catalogue:
     """Every image oddity and network fault, each item once (plus planted duplicates)."""
     b = _Builder("faults", seed)
     cls = product_classes(N_STYLES)
@@ -610,8 +616,8 @@ def _faults_catalogue(seed: int, timeout_hint: float = 2.0) -> Catalogue:
     fault("flaky_503", "ok", params={"fail_first": 2, "fail_status": 503})
     fault("rate_429", "ok", params={"fail_first": 1, "fail_status": 429, "retry_after": 1})
     fault("reset", "connection_error", params={"cut_at": 0.5})
-    # Trickles a byte per interval: any --timeout below max_seconds expires first.
-    fault("trickle", "timeout", params={"interval": 0.2, "max_seconds": 60.0, "timeout_hint": timeout_hint})
+    # Trickles a byte per interval for up to max_seconds: any shorter --timeout expires first.
+    fault("trickle", "timeout", params={"interval": 0.2, "max_seconds": trickle_seconds})
     full = jpeg(b.n, 120)
     fault("truncated", "decode_error", body=full[: len(full) * 3 // 5], params={"full_length": len(full)})
     fault("html", "not_image", body=_html_page(), content_type="image/jpeg")
@@ -718,7 +724,7 @@ def build_catalogue(kind: str = "faults", seed: int = 0, **sizes: Any) -> Catalo
     """A deterministic catalogue: "faults" (every oddity once) or "demo" (learnable + faults).
 
     `sizes` tune the demo (n_classes, train_max, train_min, val_per_class, n_test, min_px,
-    max_px) or the faults catalogue's timeout_hint.
+    max_px) or the faults catalogue (trickle_seconds: how long the trickle lasts).
     """
     if kind == "faults":
         return _faults_catalogue(seed, **sizes)
@@ -897,6 +903,8 @@ class SampleServer:
     def url(self, path: str, host: str = HOSTS[0]) -> str:
         if not path.startswith("/"):
             path = "/" + path
+        if ":" in host:  # an IPv6 literal such as ::1
+            host = f"[{host}]"
         return f"http://{host}:{self.port}{path}"
 
     def item_url(self, item: Item) -> str:
@@ -976,7 +984,11 @@ class SampleServer:
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 # SO_LINGER 0 turns close into a TCP RST: a real "connection reset by peer".
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                # (Windows wants two u_shorts; an abort there resets the connection anyway.)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
             transport.abort()
         return resp
 
@@ -1025,14 +1037,16 @@ class SampleServer:
 
 
 @contextmanager
-def serve_in_thread(catalogue: Catalogue, *, start_timeout: float = 15.0) -> Iterator[SampleServer]:
+def serve_in_thread(catalogue: Catalogue, *, start_timeout: float = 15.0,
+                    **server_kw: Any) -> Iterator[SampleServer]:
     """A started SampleServer running on its own event loop in a daemon thread.
 
-    For sync tests, benchmarks and CLI subprocess tests. The counters may be read from the
-    calling thread (reads of plain ints/Counters are safe enough for assertions).
+    For sync tests, benchmarks and CLI subprocess tests; `server_kw` go to SampleServer
+    (e.g. track_paths=False). The counters may be read from the calling thread: they are
+    only written by the server's loop, and a test reads them after its requests are done.
     """
     loop = asyncio.new_event_loop()
-    srv = SampleServer(catalogue)
+    srv = SampleServer(catalogue, **server_kw)
     ready = threading.Event()
     failure: list[BaseException] = []
 
@@ -1128,7 +1142,7 @@ async def _serve_forever(kind: str, seed: int, out: Path, records: int) -> None:
                                        "url": srv.base_url,
                                        "lists": {k: str(v) for k, v in paths.items()}}).encode(),
                            out / "server.json")
-        print(f"sample server ({kind}, {len(catalogue)} records) at {srv.base_url} — lists in {out}",
+        print(f"sample server ({kind}, {len(catalogue)} records) at {srv.base_url} - lists in {out}",
               flush=True)
         await stop.wait()
 

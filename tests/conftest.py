@@ -56,8 +56,14 @@ def sample_server_thread(faults_catalogue: Catalogue) -> Iterator[SampleServer]:
 
 @pytest.fixture
 def sample_lists(sample_server: SampleServer, tmp_path: Path) -> dict[str, Path]:
-    """train/val/test.json for `sample_server`, in tmp_path/lists."""
+    """train/val/test.json for `sample_server` (async tests), in tmp_path/lists."""
     return write_lists(sample_server.catalogue, sample_server, tmp_path / "lists")
+
+
+@pytest.fixture
+def sample_lists_thread(sample_server_thread: SampleServer, tmp_path: Path) -> dict[str, Path]:
+    """train/val/test.json for `sample_server_thread` (sync tests), in tmp_path/lists."""
+    return write_lists(sample_server_thread.catalogue, sample_server_thread, tmp_path / "lists")
 
 
 @pytest.fixture

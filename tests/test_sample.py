@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from PIL import Image, ImageOps
 
 from imatdata.sample import (
     EXPECTED_STATUSES, HOSTS, PRIVATE_REDIRECT, Catalogue, Item, SampleServer, big_catalogue,
-    build_catalogue, encode, photo_corpus, product_classes, product_style, render_product,
+    build_catalogue, encode, jpeg_bomb, photo_corpus, product_classes, product_style, render_product,
     serve_in_thread, write_lists,
 )
 
@@ -292,7 +293,7 @@ def test_duplicates_leak_placeholder(faults_catalogue: Catalogue) -> None:
 
 def test_catalogue_add_and_copy(faults_catalogue: Catalogue) -> None:
     n = len(faults_catalogue)
-    body = encode(render_product(5, __import__("random").Random(1), 64), "png")
+    body = encode(render_product(5, random.Random(1), 64), "png")
     it = faults_catalogue.add(Item(id="f" * 32 + ".jpg", path="/mine/1.png", split="train", label=5,
                                    body=body, content_type="image/png", kind="png"))
     assert faults_catalogue.by_id[it.id] is it and faults_catalogue.resolve("/mine/1.png") is it
@@ -354,8 +355,6 @@ def test_demo_catalogue(demo_catalogue: Catalogue) -> None:
 
 
 def test_render_product_is_seeded_and_varied() -> None:
-    import random
-
     import numpy as np
 
     a = render_product(398, random.Random(3), 96)
@@ -415,3 +414,31 @@ def test_serve_cli(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=20)
     assert rc == 0
+
+
+async def test_fixtures_async(sample_server: SampleServer, sample_lists: dict[str, Path]) -> None:
+    rec = json.loads(sample_lists["train"].read_text())["images"][0]
+    async with _session() as s:
+        async with s.get(rec["url"]) as r:
+            assert r.status == 200
+    assert sample_server.total_requests == 1
+
+
+def test_fixtures_sync(sample_server_thread: SampleServer, sample_lists_thread: dict[str, Path],
+                       tmp_root: Path) -> None:
+    import urllib.request
+
+    rec = json.loads(sample_lists_thread["val"].read_text())["images"][0]
+    with urllib.request.urlopen(rec["url"], timeout=10) as r:
+        assert r.status == 200
+    assert sample_server_thread.total_requests == 1
+    assert os.environ["IMAT_ROOT"] == str(tmp_root) and not tmp_root.exists()
+
+
+def test_jpeg_bomb_walks_segments() -> None:
+    small = encode(render_product(1, random.Random(0), 48), "jpeg")
+    assert Image.open(io.BytesIO(small)).size == (48, 48)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(jpeg_bomb(small)))
+    with pytest.raises(ValueError):
+        jpeg_bomb(b"\xff\xd8\xff\xda\x00\x02")
