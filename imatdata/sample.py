@@ -1131,7 +1131,10 @@ async def _serve_forever(kind: str, seed: int, out: Path, records: int) -> None:
     catalogue = big_catalogue(records, seed) if kind == "big" else build_catalogue(kind, seed)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGBREAK is what Ctrl-Break (and CTRL_BREAK_EVENT from a parent) sends on Windows.
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGBREAK", None)):
+        if sig is None:
+            continue
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # Windows: fall back to signal.signal
