@@ -563,20 +563,24 @@ def render(data: dict[str, Any], console: Any) -> None:
         if reasons:
             console.print(t)
 
-    t = Table(title="Image sizes of usable rows (p5 / median / p95)", title_justify="left")
-    for col in ("split", "stored width", "stored height", "served width", "served height", "served bytes"):
-        t.add_column(col, justify="left" if col == "split" else "right")
+    t = Table(title="Image sizes of usable rows", title_justify="left")
+    for col in ("split", "measure", "min", "p5", "median", "p95", "max"):
+        t.add_column(col, justify="left" if col in ("split", "measure") else "right")
+    measures = (("width", "stored width"), ("height", "stored height"), ("orig_width", "served width"),
+                ("orig_height", "served height"), ("orig_bytes", "served size"))
     for s, v in splits.items():
-        z = v["sizes"]
-        t.add_row(s, *(_triple(z[c]) for c in ("width", "height", "orig_width", "orig_height")),
-                  _triple(z["orig_bytes"], _bytes))
+        for i, (column, label) in enumerate(measures):
+            z = v["sizes"][column]
+            fmt = _bytes if column == "orig_bytes" else (lambda x: f"{x:,.0f}")
+            cells = ["–"] * 5 if z is None else [fmt(z[k]) for k in ("min", "p5", "p50", "p95", "max")]
+            t.add_row(s if i == 0 else "", label, *cells, end_section=i == len(measures) - 1)
     console.print(t)
 
     per_split = data["classes"]["per_split"]
     if per_split:
         t = Table(title=f"Images per class (usable rows; rare = under {data['min_count']})", title_justify="left")
         for col in ("split", "classes", "min", "median", "mean", "max", "max/min", "rare",
-                    "missing vs train", "missing vs tree"):
+                    "miss/train", "miss/tree"):
             t.add_column(col, justify="left" if col == "split" else "right")
         for s, c in per_split.items():
             t.add_row(s, _n(c["classes"]), _n(c["min"]), _n(c["median"]), _n(c["mean"]), _n(c["max"]),
@@ -598,8 +602,9 @@ def render(data: dict[str, Any], console: Any) -> None:
     hierarchy = data["hierarchy"]
     if hierarchy:
         for level in ("level1", "level2"):
-            t = Table(title=f"Images per {level} node of {hierarchy['tree']} (classes with images / leaves)",
-                      title_justify="left")
+            source = "the packaged tree" if hierarchy["tree"] == "packaged" else hierarchy["tree"]
+            t = Table(title=f"Images per {level} node: images (classes with images)",
+                      caption=f"tree: {source}", title_justify="left", caption_justify="left")
             t.add_column("node")
             t.add_column("leaves", justify="right")
             for s in per_split:
@@ -616,11 +621,18 @@ def render(data: dict[str, Any], console: Any) -> None:
         t.add_column(col, justify="left" if col in ("host", "statuses") else "right")
     for h in hosts["top"]:
         t.add_row(h["host"], _n(h["records"]), _n(h["failed"]), f"{100 * h['failure_rate']:.1f}%",
-                  ", ".join(f"{k} {v:,}" for k, v in h["failures"].items()))
+                  _top_statuses(h["failures"]))
     if hosts["top"]:
         console.print(t)
     if data["files"]:
-        console.print("Wrote " + ", ".join(str(Path(data["root"]) / f) for f in data["files"]))
+        folder = Path(data["root"]) / STATS_DIR
+        console.print(f"Wrote {folder}: " + ", ".join(Path(f).name for f in data["files"]))
+
+
+def _top_statuses(failures: dict[str, int], shown: int = 3) -> str:
+    ranked = sorted(failures.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{k} {v:,}" for k, v in ranked[:shown])
+    return text + (f", +{len(ranked) - shown} more" if len(ranked) > shown else "")
 
 
 def _n(v: float | int | None) -> str:
@@ -646,10 +658,3 @@ def _bytes(n: float | int | None) -> str:
             return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
         value /= 1024
     return f"{value:,.1f} TiB"
-
-
-def _triple(z: dict[str, Any] | None, fmt: Any = None) -> str:
-    if z is None:
-        return "–"
-    f = fmt or (lambda v: f"{v:,.0f}")
-    return f"{f(z['p5'])} / {f(z['p50'])} / {f(z['p95'])}"
