@@ -1,0 +1,188 @@
+"""Image work over real bytes: sniffing, bombs, truncation, EXIF, colour modes, resizing."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import multiprocessing
+import random
+import struct
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imatdata.images import process_image, sniff, target_size, to_rgb, worker_init
+from imatdata.sample import encode, jpeg_bomb, png_bomb, render_product
+
+
+def rgb(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    return render_product(7 + seed, random.Random(seed), max(size)).resize(size)
+
+
+def decode(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def exif_jpeg(upright: Image.Image, orientation: int) -> bytes:
+    # Stored sideways; the EXIF orientation turns it upright (6: rotate 90 CW to view).
+    stored = upright.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(stored, "jpeg", exif=exif.tobytes())
+
+
+def test_sniff_by_magic_not_name() -> None:
+    img = rgb((20, 20))
+    for fmt in ("jpeg", "png", "gif", "webp", "bmp"):
+        assert sniff(encode(img, fmt)) == fmt
+    assert sniff(b"<!DOCTYPE html><html>") is None
+    assert sniff(b"") is None
+    assert sniff(b"II*\x00rest") == "tiff"
+
+
+def test_small_rgb_jpeg_kept_byte_for_byte() -> None:
+    body = encode(rgb((300, 200)), "jpeg", quality=80)
+    res = process_image(body, max_side=512)
+    assert res.status == "ok" and res.image == body
+    assert (res.width, res.height, res.orig_width, res.orig_height) == (300, 200, 300, 200)
+    assert res.sha256 == hashlib.sha256(body).hexdigest() and res.orig_bytes == len(body)
+
+
+def test_large_jpeg_downscaled_with_draft() -> None:
+    body = encode(rgb((2000, 1500)), "jpeg", quality=85)
+    res = process_image(body, max_side=512)
+    assert res.status == "ok" and res.image_format == "jpeg"
+    assert (res.width, res.height) == (512, 384) and (res.orig_width, res.orig_height) == (2000, 1500)
+    out = decode(res.image)
+    assert out.format == "JPEG" and out.mode == "RGB" and out.size == (512, 384)
+    # The picture survives the resize: compare with a plain full-resolution downscale.
+    ref = np.asarray(decode(body).resize((512, 384), Image.Resampling.LANCZOS), dtype=np.float32)
+    assert np.abs(np.asarray(out, dtype=np.float32) - ref).mean() < 6
+
+
+def test_max_side_zero_keeps_size_but_still_converts() -> None:
+    body = encode(rgb((700, 300)), "png")
+    res = process_image(body, max_side=0)
+    assert res.status == "ok" and (res.width, res.height) == (700, 300)
+    assert decode(res.image).format == "JPEG"
+    big = encode(rgb((900, 600)), "jpeg")
+    assert process_image(big, max_side=0).image == big
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_rotation_comes_out_upright(orientation: int) -> None:
+    upright = Image.new("RGB", (90, 150), (40, 90, 200))
+    upright.paste((230, 20, 20), (0, 0, 22, 25))  # a red mark in the top-left corner
+    res = process_image(exif_jpeg(upright, orientation), max_side=512)
+    assert res.status == "ok"
+    assert (res.width, res.height) == (90, 150) and (res.orig_width, res.orig_height) == (90, 150)
+    out = decode(res.image)
+    assert not out.getexif().get(0x0112)  # nothing left for a viewer to rotate again
+    r, g, b = out.getpixel((5, 5))
+    assert r > 180 and g < 80 and b < 80, "red mark must be top-left once upright"
+    assert out.getpixel((80, 140))[2] > 150
+
+
+def test_exif_rotation_with_downscale() -> None:
+    upright = rgb((600, 1200))
+    res = process_image(exif_jpeg(upright, 6), max_side=512)
+    assert (res.width, res.height) == (256, 512) and (res.orig_width, res.orig_height) == (600, 1200)
+
+
+def test_cmyk_palette_alpha_grey_become_rgb_jpeg() -> None:
+    base = rgb((96, 96))
+    rgba = base.convert("RGBA")
+    alpha = Image.new("L", rgba.size, 0)
+    alpha.paste(255, (20, 20, 76, 76))
+    rgba.putalpha(alpha)
+    pal = base.quantize(colors=16)
+    cases = {
+        "cmyk": encode(base.convert("CMYK"), "jpeg"),
+        "alpha": encode(rgba, "png"),
+        "palette": encode(pal, "png", transparency=pal.getpixel((0, 0))),
+        "grey": encode(base.convert("L"), "jpeg"),
+        "la": encode(base.convert("LA"), "png"),
+        "webp": encode(base, "webp"),
+        "gif": encode(base, "gif"),
+        "bmp": encode(base, "bmp"),
+    }
+    for name, body in cases.items():
+        res = process_image(body, max_side=512)
+        assert res.status == "ok", name
+        out = decode(res.image)
+        assert out.format == "JPEG" and out.mode == "RGB", name
+        assert res.image != body, name
+    # Transparent pixels are flattened on white, not black.
+    corner = decode(process_image(cases["alpha"]).image).getpixel((2, 2))
+    assert min(corner) > 240
+    corner = decode(process_image(cases["palette"]).image).getpixel((0, 0))
+    assert min(corner) > 240
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
+    arr = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    img = Image.fromarray(arr)
+    assert img.mode.startswith("I")
+    out = to_rgb(img)
+    values = np.asarray(out)[..., 0]
+    assert out.mode == "RGB" and values.min() < 10 and values.max() > 245
+    res = process_image(encode(img, "png"))  # a real 16-bit PNG, end to end
+    assert res.status == "ok"
+    values = np.asarray(decode(res.image))[..., 0]
+    assert values.min() < 10 and values.max() > 245
+
+
+def test_truncated_html_empty() -> None:
+    full = encode(rgb((120, 120)), "jpeg")
+    assert process_image(full[: len(full) * 3 // 5]).status == "decode_error"
+    png = encode(rgb((120, 120)), "png")
+    assert process_image(png[: len(png) // 2]).status == "decode_error"
+    html = process_image(b"<!DOCTYPE html><html><body>Access denied</body></html>")
+    assert html.status == "not_image" and "HTML" in (html.error or "")
+    assert html.orig_bytes > 0 and html.sha256
+    empty = process_image(b"")
+    assert empty.status == "not_image" and empty.orig_bytes == 0
+    garbage = process_image(b"\xff\xd8\xff" + b"\x00" * 50)
+    assert garbage.status == "decode_error"
+
+
+def test_bombs_refused_from_the_header() -> None:
+    small = encode(rgb((64, 64)), "jpeg")
+    for body in (png_bomb(), jpeg_bomb(small)):
+        t = time.perf_counter()
+        res = process_image(body)
+        assert res.status == "too_large"
+        assert time.perf_counter() - t < 1.0  # refused without decoding 1.6 gigapixels
+    # A header just over a custom limit is refused too, below Pillow's own limit.
+    res = process_image(encode(rgb((200, 100)), "png"), max_pixels=19_999)
+    assert res.status == "too_large" and "200x100" in (res.error or "")
+
+
+def test_target_size() -> None:
+    assert target_size(1000, 500, 512) == (512, 256)
+    assert target_size(500, 1000, 512) == (256, 512)
+    assert target_size(400, 300, 512) == (400, 300)
+    assert target_size(4000, 3, 512) == (512, 1)
+    assert target_size(4000, 3000, 0) == (4000, 3000)
+
+
+def test_runs_in_a_spawned_process_pool() -> None:
+    bodies = [encode(rgb((800, 600), seed=i), "jpeg") for i in range(4)]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx, initializer=worker_init) as pool:
+        results = list(pool.map(process_image, bodies, [512] * 4))
+    assert [(r.status, r.width, r.height) for r in results] == [("ok", 512, 384)] * 4
+
+
+def test_corrupt_exif_is_not_fatal() -> None:
+    body = encode(rgb((50, 40)), "jpeg")
+    # An APP1 Exif segment with garbage after the header.
+    junk = b"Exif\x00\x00" + b"MM\x00*" + b"\xff" * 20
+    bad = body[:2] + b"\xff\xe1" + struct.pack(">H", len(junk) + 2) + junk + body[2:]
+    res = process_image(bad)
+    assert res.status == "ok" and (res.width, res.height) == (50, 40)
