@@ -153,7 +153,7 @@ def main() -> None:
             assert sum(classes.values()) == sum(raw["classes"]["per_split"][s]["images"] for s in ("train", "val"))
             print(f"  compute (all figures) vs loop (two figures): {t_base / t_clean:.1f}x faster")
         d = clean.data
-        print(f"  clean stage: {d['totals']['usable']:,} usable of {d['totals']['records']:,} records; "
+        print(f"  clean stage: {d['totals']['ok']:,} usable of {d['totals']['records']:,} records; "
               f"train classes {d['classes']['per_split']['train']['classes']:,}, "
               f"imbalance {d['classes']['per_split']['train']['imbalance_ratio']}")
 

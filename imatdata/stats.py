@@ -16,12 +16,12 @@ stats.json keys
 ---------------
 - ``version`` (1), ``generated_at`` (ISO 8601, UTC), ``root``, ``stage``, ``min_count``
   (the threshold below which a class is called rare), ``fetch_source`` ("raw" or "clean").
-- ``totals``: ``records``, ``rows``, ``usable``, ``failed``, ``dropped`` summed over splits.
+- ``totals``: ``records``, ``rows``, ``ok``, ``failed``, ``dropped`` summed over splits.
 - ``splits``: ``{split: {...}}`` with
   - ``records``: input records (raw: rows; clean: kept rows + dropped rows of the split);
-  - ``rows``: rows in the stage's shards; ``usable``: rows with status ok;
+  - ``rows``: rows in the stage's shards; ``ok``: rows with status ok (the usable rows);
   - ``labelled``: whether the split carries labels (test does not);
-  - ``unlabelled_usable``: usable rows without a label (0 in a well-formed labelled split);
+  - ``unlabelled_ok``: ok rows without a label (0 in a well-formed labelled split);
   - ``statuses``: ``{status: rows}`` of every fetch outcome; ``failed``: rows not ok;
     ``failures``: ``{status: rows}`` of the non-ok statuses only;
   - ``drops``: ``{reason: rows}`` from ``clean/dropped.parquet`` (null in the raw stage);
@@ -210,9 +210,9 @@ def compute(root: Path, stage: str | None = None, tree: Path | str | ProductTree
         split_stats[split] = {
             "records": t.num_rows + n_dropped,
             "rows": t.num_rows,
-            "usable": n_usable,
+            "ok": n_usable,
             "labelled": labelled,
-            "unlabelled_usable": unlabelled_usable,
+            "unlabelled_ok": unlabelled_usable,
             "statuses": _sorted_statuses(statuses),
             "failed": sum(failures.values()),
             "failures": _sorted_statuses(failures),
@@ -237,7 +237,7 @@ def compute(root: Path, stage: str | None = None, tree: Path | str | ProductTree
         "min_count": opts.min_count,
         "fetch_source": fetch_source,
         "totals": {k: sum(s[k] for s in split_stats.values())
-                   for k in ("records", "rows", "usable", "failed", "dropped")},
+                   for k in ("records", "rows", "ok", "failed", "dropped")},
         "splits": split_stats,
         "classes": {
             "num_classes": len(usable_classes),
@@ -533,11 +533,11 @@ def render(data: dict[str, Any], console: Any) -> None:
     clean = data["stage"] == "clean"
 
     t = Table(title=f"Splits ({data['stage']} stage, {data['root']})", title_justify="left")
-    for col in ("split", "records", "usable", "usable %", "failed", *(["dropped"] if clean else []),
+    for col in ("split", "records", "ok", "ok %", "failed", *(["dropped"] if clean else []),
                 "stored", "served"):
         t.add_column(col, justify="left" if col == "split" else "right")
     for s, v in splits.items():
-        t.add_row(s, _n(v["records"]), _n(v["usable"]), _pct(v["usable"], v["records"]), _n(v["failed"]),
+        t.add_row(s, _n(v["records"]), _n(v["ok"]), _pct(v["ok"], v["records"]), _n(v["failed"]),
                   *([_n(v["dropped"])] if clean else []), _bytes(v["bytes"]["stored"]),
                   _bytes(v["bytes"]["served"]))
     console.print(t)

@@ -156,7 +156,7 @@ def test_split_figures_clean_stage(dataset: dict, clean_result: dict) -> None:
         assert got["records"] == len(raw_rows) == len(kept) + len(drops)
         assert got["rows"] == len(kept)
         usable = [r for r in kept if r["status"] == "ok"]
-        assert got["usable"] == len(usable)
+        assert got["ok"] == len(usable)
         statuses = Counter(r["status"] for r in raw_rows)
         assert got["statuses"] == dict(statuses)
         assert got["failures"] == {s: n for s, n in statuses.items() if s != "ok"}
@@ -185,7 +185,7 @@ def test_split_figures_raw_stage(dataset: dict) -> None:
     for split, rows in dataset["raw"].items():
         got = data["splits"][split]
         assert got["records"] == got["rows"] == len(rows)
-        assert got["usable"] == sum(r["status"] == "ok" for r in rows)
+        assert got["ok"] == sum(r["status"] == "ok" for r in rows)
         assert got["drops"] is None and got["dropped"] == 0
         orig = [r["orig_width"] for r in rows if r["status"] == "ok"]
         assert got["sizes"]["orig_width"]["p50"] == pytest.approx(statistics.median(orig), abs=0.006)
@@ -305,7 +305,7 @@ def test_class_counts_csv(dataset: dict, clean_result: dict) -> None:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["class", "level1", "level2", "level3", "train", "val"]
     for split in ("train", "val"):
-        assert sum(int(r[split]) for r in rows) == clean_result["splits"][split]["usable"]
+        assert sum(int(r[split]) for r in rows) == clean_result["splits"][split]["ok"]
         counts = _class_counts(dataset["clean"][split])
         assert {int(r["class"]): int(r[split]) for r in rows if int(r[split])} == dict(counts)
     tree = json.loads(PACKAGED_TREE.read_text())
@@ -365,7 +365,7 @@ def test_empty_split_and_raw_without_labels(tmp_path: Path) -> None:
     with ShardWriter(root / "raw" / "test") as w:
         w.write_rows(rows)
     data = stats.write_stats(root, quiet=False)
-    assert data["splits"]["test"]["usable"] == 0 and data["splits"]["test"]["sizes"]["width"] is None
+    assert data["splits"]["test"]["ok"] == 0 and data["splits"]["test"]["sizes"]["width"] is None
     assert data["classes"]["per_split"] == {}
     assert data["hosts"]["top"][0]["failure_rate"] == 1.0
     with Image.open(root / "stats" / "class_counts.png") as im:
@@ -384,7 +384,7 @@ def test_cli_json_and_tables(dataset: dict) -> None:
     for key in documented:
         assert f"``{key}``" in stats.__doc__  # every key is documented in the module docstring
     assert data["hierarchy"]["tree"] == "packaged"
-    assert set(data["splits"]["train"]) == {"records", "rows", "usable", "labelled", "unlabelled_usable",
+    assert set(data["splits"]["train"]) == {"records", "rows", "ok", "labelled", "unlabelled_ok",
                                             "statuses", "failed", "failures", "drops", "dropped", "bytes",
                                             "sizes"}
     res = runner.invoke(app, ["stats", "--root", str(dataset["root"]), "--stage", "raw"])
