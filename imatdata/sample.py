@@ -1020,6 +1020,8 @@ class SampleServer:
                 if time.monotonic() > deadline or self._closing.is_set():
                     break
                 await resp.write(body[i:i + 1])
+                if i == len(body) - 1:
+                    break  # no pause after the last byte: in-flight ends when the client has it all
                 try:
                     await asyncio.wait_for(self._closing.wait(), interval)
                 except asyncio.TimeoutError:
