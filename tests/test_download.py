@@ -1,0 +1,270 @@
+"""The downloader against the real sample server on 127.0.0.1: faults, retries, caps, SSRF."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from email.utils import formatdate
+
+import pytest
+
+from imatdata.download import (AddressPolicy, Fetcher, NetConfig, backoff_delay, literal_ip,
+                               parse_retry_after, robots_opt_out)
+from imatdata.errors import UserError
+from imatdata.sample import Catalogue, Item, SampleServer, build_catalogue, encode, render_product
+
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+
+def cfg(**kw) -> NetConfig:
+    base = dict(timeout=2.0, retries=2, allow_nets=LOOPBACK, backoff_base=0.05, backoff_cap=0.2)
+    base.update(kw)
+    return NetConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def faults() -> Catalogue:
+    return build_catalogue("faults", seed=0)
+
+
+def jpeg(seed: int = 0) -> bytes:
+    import random
+
+    return encode(render_product(3, random.Random(seed), 48), "jpeg")
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def test_robots_opt_out_rules() -> None:
+    assert robots_opt_out(["noai"], "imat") == "noai"
+    assert robots_opt_out(["noindex, nofollow"], "imat") == "noindex"
+    assert robots_opt_out(["NoImageAI"], "imat") == "noimageai"
+    assert robots_opt_out(["imat: noimageindex"], "imat") == "noimageindex"
+    assert robots_opt_out(["otherbot: noai"], "imat") is None
+    assert robots_opt_out(["otherbot: noai", "imat: noai"], "imat") == "noai"
+    assert robots_opt_out(["nofollow", "max-image-preview: large"], "imat") is None
+    assert robots_opt_out(["unavailable_after: 25 Jun 2010 15:00:00 PST"], "imat") is None
+    assert robots_opt_out([], "imat") is None
+
+
+def test_retry_after_parsing() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    now = time.time()
+    assert 9 <= parse_retry_after(formatdate(now + 10, usegmt=True), now=now) <= 10.5
+    assert parse_retry_after(formatdate(now - 100, usegmt=True), now=now) == 0.0
+
+
+def test_backoff_is_full_jitter_and_capped() -> None:
+    import random
+
+    rng = random.Random(1)
+    delays = [backoff_delay(3, 1.0, 30.0, rng) for _ in range(500)]
+    assert 0 <= min(delays) < 0.5 and 3.0 < max(delays) <= 4.0
+    assert max(backoff_delay(20, 1.0, 30.0, rng) for _ in range(100)) <= 30.0
+
+
+def test_address_policy() -> None:
+    deny = AddressPolicy()
+    for addr in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "224.0.0.1",
+                 "::1", "fe80::1", "::ffff:10.0.0.1", "100.64.0.1", "0.0.0.0"):
+        assert not deny.permits(addr), addr
+    for addr in ("93.184.216.34", "2606:4700::1111"):
+        assert deny.permits(addr), addr
+    loop_only = AddressPolicy.from_config(cfg())
+    assert loop_only.permits("127.0.0.1") and loop_only.permits("127.5.5.5") and loop_only.permits("::1")
+    assert not loop_only.permits("10.255.255.1") and not loop_only.permits("169.254.169.254")
+    assert AddressPolicy(allow_private=True).permits("10.0.0.1")
+    assert literal_ip("[::1]") == "::1" and literal_ip("127.0.0.1") == "127.0.0.1" and literal_ip("a.com") is None
+    with pytest.raises(UserError, match="--allow-net"):
+        NetConfig(allow_nets=("not-a-net",))
+
+
+# --- against the server -----------------------------------------------------------------------
+
+
+async def fetch_one(catalogue: Catalogue, kind: str, config: NetConfig) -> tuple:
+    async with SampleServer(catalogue) as srv:
+        item = catalogue.one(kind=kind)
+        async with Fetcher(config) as f:
+            d = await f.fetch(srv.item_url(item))
+        return d, srv.counter[item.path], srv.request_times[item.path]
+
+
+@pytest.mark.parametrize("kind, status, attempts", [
+    ("http_404", "http_error", 1),
+    ("http_403", "http_error", 1),
+    ("http_500", "http_error", 3),
+    ("flaky_503", "ok", 3),
+    ("reset", "connection_error", 3),
+    ("html", "ok", 1),  # the downloader moves bytes; judging them is the image work's job
+    ("oversize", "too_large", 1),
+    ("oversize_chunked", "too_large", 1),
+    ("gzip_bomb", "too_large", 1),
+    ("noai", "opted_out", 1),
+    ("redirect", "ok", 1),
+    ("empty", "ok", 1),
+])
+async def test_fault_outcomes(faults: Catalogue, kind: str, status: str, attempts: int) -> None:
+    d, requests, _ = await fetch_one(faults, kind, cfg())
+    assert (d.status, d.attempts) == (status, attempts), d.error
+    if kind not in ("redirect",):
+        assert requests == attempts  # server-side count: every attempt was one request
+
+
+async def test_gzip_body_is_decoded(faults: Catalogue) -> None:
+    d, _, _ = await fetch_one(faults, "gzip", cfg())
+    item = faults.one(kind="gzip")
+    assert d.status == "ok" and len(d.body) == item.params["decoded_length"]
+    assert d.body.startswith(b"\xff\xd8")
+
+
+async def test_retry_after_is_honoured(faults: Catalogue) -> None:
+    # 429 with Retry-After: 1, then 200: the retry waits at least a second, not the jitter.
+    d, requests, times = await fetch_one(faults, "rate_429", cfg(backoff_base=0.01))
+    assert d.status == "ok" and d.attempts == 2 and requests == 2
+    assert times[1] - times[0] >= 0.95
+
+
+async def test_no_retries_when_retries_zero(faults: Catalogue) -> None:
+    d, requests, _ = await fetch_one(faults, "flaky_503", cfg(retries=0))
+    assert (d.status, d.http_status, d.attempts, requests) == ("http_error", 503, 1, 1)
+
+
+async def test_trickle_hits_the_whole_attempt_deadline(faults: Catalogue) -> None:
+    t = time.monotonic()
+    d, requests, _ = await fetch_one(faults, "trickle", cfg(timeout=0.6, retries=1))
+    elapsed = time.monotonic() - t
+    assert d.status == "timeout" and d.attempts == 2 and requests == 2
+    assert 1.1 < elapsed < 4.0  # two attempts of 0.6 s each, bytes kept arriving all along
+
+
+async def test_loopback_refused_without_any_request(faults: Catalogue) -> None:
+    item = faults.one(kind="jpeg")
+    async with SampleServer(faults) as srv:
+        async with Fetcher(NetConfig(timeout=2.0)) as f:
+            by_ip = await f.fetch(srv.url(item.url_path, "127.0.0.1"))
+            by_name = await f.fetch(srv.url(item.url_path, "localhost"))  # refused at DNS time
+            v6 = await f.fetch(f"http://[::1]:{srv.port}{item.path}")
+        assert [d.status for d in (by_ip, by_name, v6)] == ["blocked"] * 3
+        assert [d.attempts for d in (by_ip, by_name, v6)] == [0, 0, 0]
+        assert srv.total_requests == 0
+
+
+async def test_private_redirect_refused_before_connecting(faults: Catalogue) -> None:
+    d, requests, _ = await fetch_one(faults, "redirect_private", cfg())
+    assert d.status == "blocked" and d.http_status == 302 and "10.255.255.1" in d.error
+    assert requests == 1 and d.attempts == 1  # only the redirect itself; never retried
+
+
+async def test_redirect_loop_and_bad_scheme() -> None:
+    cat = Catalogue(kind="t", seed=0)
+    cat.add(Item(id="loop", path="/loop", split="train", label=1, body=None, fault="redirect",
+                 status=302, params={"target": "/loop"}))
+    cat.add(Item(id="ftp", path="/ftp", split="train", label=1, body=None, fault="redirect_private",
+                 status=301, params={"location": "ftp://127.0.0.1/x.jpg"}))
+    async with SampleServer(cat) as srv:
+        async with Fetcher(cfg(max_redirects=4)) as f:
+            loop = await f.fetch(srv.url("/loop"))
+            ftp = await f.fetch(srv.url("/ftp"))
+        assert loop.status == "http_error" and "redirects" in loop.error and srv.counter["/loop"] == 5
+        assert ftp.status == "blocked" and srv.counter["/ftp"] == 1
+
+
+async def test_opt_out_variants_and_ignore() -> None:
+    cat = Catalogue(kind="t", seed=0)
+    body = jpeg()
+    for name, header in (("all", "noimageai"), ("us", "imat: noindex"), ("other", "googlebot: noai")):
+        cat.add(Item(id=name, path=f"/{name}", split="train", label=1, body=body, headers={"X-Robots-Tag": header}))
+    async with SampleServer(cat) as srv:
+        async with Fetcher(cfg()) as f:
+            got = {n: (await f.fetch(srv.url(f"/{n}"))).status for n in ("all", "us", "other")}
+        async with Fetcher(cfg(ignore_optout=True)) as f:
+            ignored = (await f.fetch(srv.url("/all"))).status
+        async with Fetcher(cfg(user_agent="otherbot/2.0")) as f:
+            renamed = (await f.fetch(srv.url("/us"))).status
+    assert got == {"all": "opted_out", "us": "opted_out", "other": "ok"}
+    assert ignored == "ok" and renamed == "ok"
+
+
+async def test_max_bytes_streaming_cap() -> None:
+    cat = Catalogue(kind="t", seed=0)
+    cat.add(Item(id="big", path="/big", split="train", label=1, body=None, fault="oversize_chunked",
+                 params={"total_bytes": 300_000, "chunked": True}))
+    cat.add(Item(id="fits", path="/fits", split="train", label=1, body=b"\xff\xd8\xff" + bytes(1000)))
+    async with SampleServer(cat) as srv:
+        async with Fetcher(cfg(max_bytes=100_000)) as f:
+            big, fits = await f.fetch(srv.url("/big")), await f.fetch(srv.url("/fits"))
+    assert big.status == "too_large" and "100000" in big.error
+    assert fits.status == "ok" and len(fits.body) == 1003
+
+
+async def test_per_host_and_global_caps_hold() -> None:
+    cat = Catalogue(kind="t", seed=0)
+    for i in range(24):
+        # Each response trickles 4 bytes 0.08 s apart, so requests overlap.
+        cat.add(Item(id=f"s{i}", path=f"/slow/{i}", split="train", label=1, body=b"abcd", fault="trickle",
+                     host="127.0.0.1" if i % 2 else "localhost", params={"interval": 0.08, "max_seconds": 5}))
+    async with SampleServer(cat) as srv:
+        async with Fetcher(cfg(per_host=3, concurrency=5)) as f:
+            results = await asyncio.gather(*(f.fetch(srv.item_url(it)) for it in cat.listed()))
+        assert all(r.status == "ok" for r in results)
+        assert srv.max_concurrency("127.0.0.1") == 3 and srv.max_concurrency("localhost") == 3
+        assert srv.max_concurrency() == 5
+
+
+async def test_dead_host_is_given_up_not_retried_forever() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once we leave: connections are refused
+    config = cfg(retries=3, host_fail_threshold=3, host_pause_base=0.05, host_max_pauses=2, per_host=2)
+    async with Fetcher(config) as f:
+        t = time.monotonic()
+        results = await asyncio.gather(*(f.fetch(f"http://127.0.0.1:{port}/{i}.jpg") for i in range(60)))
+        elapsed = time.monotonic() - t
+        stats = f.stats
+    assert all(r.status == "connection_error" for r in results)
+    assert stats.hosts_given_up == 1 and stats.host_pauses == 2
+    # 60 rows x 4 attempts would be 240 requests; giving up on the host stops far earlier.
+    assert stats.requests < 40, stats.requests
+    assert any("given up" in (r.error or "") for r in results)
+    assert elapsed < 5
+
+
+async def test_certificate_failure_is_connection_error_not_retried(tmp_path) -> None:
+    import ssl
+    import subprocess
+
+    from aiohttp import web
+
+    key, crt = tmp_path / "k.pem", tmp_path / "c.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                           "-out", str(crt), "-days", "1", "-subj", "/CN=localhost"], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("openssl is not available to make a self-signed certificate")
+    hits = []
+
+    async def handle(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(body=jpeg(), content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(crt, key)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        async with Fetcher(cfg()) as f:
+            bad = await f.fetch(f"https://127.0.0.1:{port}/a.jpg")
+        async with Fetcher(cfg(insecure=True)) as f:
+            good = await f.fetch(f"https://127.0.0.1:{port}/a.jpg")
+    finally:
+        await runner.cleanup()
+    assert bad.status == "connection_error" and bad.attempts == 1 and "certificate" in bad.error.lower()
+    assert good.status == "ok" and hits == ["/a.jpg"]
