@@ -70,7 +70,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imatdata import plots
 from imatdata.errors import UserError
 from imatdata.manifest import DROP_REASONS, STATUSES, list_shards, list_splits, read_table, write_bytes_atomic
 from imatdata.tree import ProductTree
@@ -256,6 +255,9 @@ def compute(root: Path, stage: str | None = None, tree: Path | str | ProductTree
 
 def write_outputs(result: StatsResult, root: Path) -> list[Path]:
     """stats.json, class_counts.csv and the PNGs under `root/stats/`, each written atomically."""
+    # matplotlib is imported here, not at module level, so `compute` and the CLI start fast.
+    from imatdata import plots
+
     out = Path(root) / STATS_DIR
     out.mkdir(parents=True, exist_ok=True)
     data = result.data
