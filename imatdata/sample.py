@@ -633,6 +633,8 @@ def _faults_catalogue(seed: int, trickle_seconds: float = 60.0) -> Catalogue:
     fault("reset", "connection_error", params={"cut_at": 0.5})
     # Trickles a byte per interval for up to max_seconds: any shorter --timeout expires first.
     fault("trickle", "timeout", params={"interval": 0.2, "max_seconds": trickle_seconds})
+    # Says nothing at all (not even headers) for max_seconds, then answers normally.
+    fault("stall", "timeout", params={"max_seconds": trickle_seconds})
     full = jpeg(b.n, 120)
     fault("truncated", "decode_error", body=full[: len(full) * 3 // 5], params={"full_length": len(full)})
     fault("html", "not_image", body=_html_page(), content_type="image/jpeg")
@@ -844,6 +846,13 @@ def photo_corpus(n: int, seed: int = 0, min_side: int = 600, max_side: int = 900
 # server
 
 
+def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 def _host_name(host_header: str | None) -> str:
     """'127.0.0.1:8080' -> '127.0.0.1', '[::1]:80' -> '::1', 'localhost' -> 'localhost'."""
     if not host_header:
@@ -874,11 +883,13 @@ class SampleServer:
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.ipv6 = False
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> SampleServer:
         self._closing = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=self._shutdown_timeout)
@@ -934,6 +945,18 @@ class SampleServer:
         return sum(self.counter.values())
 
     def reset_counters(self) -> None:
+        """Forget requests seen so far (503/429 sequences start over). Safe from any thread."""
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _running_in(loop):
+            # serve_in_thread: clear on the server's own loop, between two requests.
+            asyncio.run_coroutine_threadsafe(self._clear_counters_async(), loop).result(timeout=10)
+            return
+        self._clear_counters()
+
+    async def _clear_counters_async(self) -> None:
+        self._clear_counters()
+
+    def _clear_counters(self) -> None:
         self.counter.clear()
         self.request_times.clear()
         self._peak.clear()
@@ -979,15 +1002,17 @@ class SampleServer:
         if fault == "redirect_private":
             return web.Response(status=item.status or 302, headers={"Location": p["location"]})
         if fault == "reset":
-            return await self._reset(request, item)
+            return await self._reset_connection(request, item)
         if fault == "trickle":
             return await self._trickle(request, item)
+        if fault == "stall":
+            await self._idle(float(p.get("max_seconds", 60.0)))
         if fault in ("oversize", "oversize_chunked"):
             return await self._oversize(request, item)
         headers = {"Content-Type": item.content_type, **item.headers}
         return web.Response(status=item.status, body=item.body or b"", headers=headers)
 
-    async def _reset(self, request: web.Request, item: Item) -> web.StreamResponse:
+    async def _reset_connection(self, request: web.Request, item: Item) -> web.StreamResponse:
         body = item.body or b""
         resp = web.StreamResponse(status=200, headers={"Content-Type": item.content_type})
         resp.content_length = len(body)
@@ -1007,6 +1032,14 @@ class SampleServer:
             transport.abort()
         return resp
 
+    async def _idle(self, seconds: float) -> None:
+        """Sleep, but wake at once when the server closes."""
+        assert self._closing is not None
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
     async def _trickle(self, request: web.Request, item: Item) -> web.StreamResponse:
         body = item.body or b""
         interval = float(item.params.get("interval", 0.2))
@@ -1022,10 +1055,7 @@ class SampleServer:
                 await resp.write(body[i:i + 1])
                 if i == len(body) - 1:
                     break  # no pause after the last byte: in-flight ends when the client has it all
-                try:
-                    await asyncio.wait_for(self._closing.wait(), interval)
-                except asyncio.TimeoutError:
-                    pass
+                await self._idle(interval)
         except (ConnectionError, RuntimeError):
             pass  # the client gave up, as it should
         return resp

@@ -206,14 +206,34 @@ async def test_localhost_and_concurrency_per_host(sample_server: SampleServer) -
     assert sample_server.counter[it.path] == 4
 
 
+async def test_stall_sends_nothing(sample_server: SampleServer) -> None:
+    it = sample_server.catalogue.one(kind="stall")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.6)) as s:
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            async with s.get(sample_server.item_url(it)) as r:
+                await r.read()
+        assert time.monotonic() - t0 >= 0.5
+    assert sample_server.counter[it.path] == 1
+
+
 def test_serve_in_thread_from_sync_code(faults_catalogue: Catalogue) -> None:
+    import urllib.error
     import urllib.request
 
     it = faults_catalogue.one(kind="jpeg")
+    flaky = faults_catalogue.one(kind="flaky_503")
     with serve_in_thread(faults_catalogue) as srv:
         with urllib.request.urlopen(srv.item_url(it), timeout=10) as r:
             assert r.read() == it.body
         assert srv.counter[it.path] == 1
+        for _ in range(2):
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(srv.item_url(flaky), timeout=10)
+        srv.reset_counters()  # from this thread, while the server's loop runs in another
+        assert not srv.counter
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(srv.item_url(flaky), timeout=10)
     with pytest.raises(OSError):  # closed afterwards
         urllib.request.urlopen(srv.item_url(it), timeout=2)
 
