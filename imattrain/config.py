@@ -97,7 +97,8 @@ class TrainConfig:
                          choices=SCHEDULES, group="optim")
     warmup_epochs: float = _opt(0.0, "Linear warm-up length in epochs (cosine, sgdr, step, "
                                      "constant).", group="optim")
-    min_lr: float = _opt(0.0, "Lowest learning rate of cosine, sgdr and cyclic.", group="optim")
+    min_lr: float = _opt(0.0, "Lowest learning rate of cosine, sgdr and cyclic (cyclic: "
+                                "--lr/10 when 0).", group="optim")
     sgdr_t0: float = _opt(1.0, "SGDR: length of the first cycle in epochs.", group="optim")
     sgdr_tmult: float = _opt(2.0, "SGDR: each cycle is this many times longer than the last.",
                              group="optim")
