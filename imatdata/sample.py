@@ -734,6 +734,8 @@ def _demo_catalogue(seed: int, n_classes: int = N_STYLES, train_max: int = 56, t
         it = b.add(split="train", label=cls[k % 4], body=ph, kind="placeholder", dup_of=first_ph,
                    expected_drop="placeholder")
         first_ph = first_ph or it.id
+    # Real lists are not sorted by class: a --limit N run should still see every class.
+    b.rng.shuffle(b.cat.items)
     return b.cat
 
 

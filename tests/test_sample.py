@@ -358,6 +358,7 @@ def test_demo_catalogue(demo_catalogue: Catalogue) -> None:
     train = Counter(i.label for i in cat.listed("train") if i.kind == "jpeg")
     assert set(train) == set(classes)
     assert 30 <= min(train.values()) < max(train.values()) <= 64  # mild imbalance
+    assert len({i.label for i in cat.listed("train")[:60]}) == 9  # shuffled, not sorted by class
     val = Counter(i.label for i in cat.listed("val"))
     assert set(val.values()) == {10}
     assert len(cat.listed("test")) >= 30 and all(i.label is None for i in cat.listed("test"))
