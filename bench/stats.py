@@ -63,7 +63,8 @@ def generate(root: Path, rows: int, seed: int = 0) -> dict[str, int]:
         ow = rng.integers(80, 3000, n).astype(np.int32)
         oh = (ow * rng.uniform(0.6, 1.6, n)).astype(np.int32)
         scale = np.minimum(1.0, 512 / np.maximum(ow, oh))
-        ids = pc.binary_join_element_wise(pa.array(np.full(n, split + "-")), pc.cast(pa.array(np.arange(n)), pa.string()), "")
+        ids = pc.binary_join_element_wise(pa.array(np.full(n, split + "-")),
+                                          pc.cast(pa.array(np.arange(n)), pa.string()), "")
         urls = pc.binary_join_element_wise(pa.array(np.full(n, "http://")), pa.array(host_names[host_idx]),
                                            pa.array(np.full(n, "/p/")), ids, pa.array(np.full(n, ".jpg?w=750")), "")
         ok = ~failed
@@ -93,7 +94,8 @@ def generate(root: Path, rows: int, seed: int = 0) -> dict[str, int]:
             "phash", pa.array(rng.integers(-(2**62), 2**62, int((~drop).sum())), pa.int64()))
         with ShardWriter(root / "clean" / split, schema=CLEAN_SCHEMA) as w:
             w.write_batch(kept)
-        reasons = np.where(failed, "fetch_failed", np.array(["duplicate", "undersized", "near_duplicate"])[rng.integers(0, 3, n)])
+        other = np.array(["duplicate", "undersized", "near_duplicate"])[rng.integers(0, 3, n)]
+        reasons = np.where(failed, "fetch_failed", other)
         gone = table.filter(pa.array(drop))
         dropped_parts.append(pa.table({"id": gone["id"], "split": gone["split"], "label": gone["label"],
                                        "url": gone["url"], "reason": pa.array(reasons[drop].astype(str)),

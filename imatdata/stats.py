@@ -71,7 +71,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imatdata.errors import UserError
-from imatdata.manifest import DROP_REASONS, STATUSES, list_shards, list_splits, read_table, write_bytes_atomic
+from imatdata.manifest import (
+    DROP_REASONS,
+    DROPPED_SCHEMA,
+    STATUSES,
+    list_shards,
+    list_splits,
+    read_table,
+    write_bytes_atomic,
+)
 from imatdata.tree import ProductTree
 
 STAGES = ("raw", "clean")
@@ -157,42 +165,35 @@ def compute(root: Path, stage: str | None = None, tree: Path | str | ProductTree
     short_orig, short_stored, served = [], [], []
 
     for split in splits:
+        # The url column is only needed when raw/ cannot supply this split's fetch outcomes.
+        needs_url = stage == "raw" or split not in raw_splits
         columns = ["label", "status", "width", "height", "orig_width", "orig_height", "orig_bytes"]
-        own_outcomes = stage == "raw" or split not in raw_splits
-        if own_outcomes:
-            columns.append("url")
         shards = list_shards(stage_path / split)
-        t = _read(stage_path / split, columns)
+        t = _read(stage_path / split, columns + (["url"] if needs_url else []))
         usable = pc.fill_null(pc.equal(t["status"], "ok"), False)
         n_usable = int(pc.sum(usable).as_py() or 0)
 
-        split_drops = None
-        n_dropped = 0
-        if dropped is not None:
-            mine = dropped.filter(pc.equal(dropped["split"], split))
-            split_drops = _value_counts(mine["reason"])
-            n_dropped = mine.num_rows
+        mine = None if dropped is None else dropped.filter(pc.equal(dropped["split"], split))
+        n_dropped = 0 if mine is None else mine.num_rows
+        if mine is not None:
             seen_classes.update(_value_counts(mine["label"]))
 
-        # Fetch outcomes: raw rows when there are any, else this stage's rows plus its drops.
-        if stage == "raw":
+        if needs_url:
             fetched = _outcomes(t["url"], t["status"])
-        elif split in raw_splits:
-            fetched = _read(root / "raw" / split, ["url", "status"])
-            fetched = _outcomes(fetched["url"], fetched["status"])
-        else:
-            fetched = _outcomes(t["url"], t["status"])
-            if dropped is not None:
-                mine = dropped.filter(pc.equal(dropped["split"], split))
+            if mine is not None:
+                # Without raw/, a fetch failure that clean dropped is known only by its reason.
                 status = pc.if_else(pc.equal(mine["reason"], FETCH_FAILED), FETCH_FAILED, "ok")
                 fetched = pa.concat_tables([fetched, _outcomes(mine["url"], status)])
+        else:
+            raw_rows = _read(root / "raw" / split, ["url", "status"])
+            fetched = _outcomes(raw_rows["url"], raw_rows["status"])
         outcomes.append(fetched)
         statuses = _value_counts(fetched["status"])
         failures = {s: n for s, n in statuses.items() if s != "ok"}
 
         labels_all = _value_counts(t["label"])
         seen_classes.update(labels_all)
-        labelled = bool(labels_all) or (dropped is not None and _has_labels(dropped, split))
+        labelled = bool(labels_all) or (mine is not None and mine.num_rows > mine["label"].null_count)
         usable_labels = pc.filter(t["label"], usable)
         if labelled:
             counts = _value_counts(usable_labels)
@@ -215,7 +216,7 @@ def compute(root: Path, stage: str | None = None, tree: Path | str | ProductTree
             "statuses": _sorted_statuses(statuses),
             "failed": sum(failures.values()),
             "failures": _sorted_statuses(failures),
-            "drops": None if split_drops is None else _sorted_reasons(split_drops),
+            "drops": None if mine is None else _sorted_reasons(_value_counts(mine["reason"])),
             "dropped": n_dropped,
             "bytes": {
                 "stored": sum(p.stat().st_size for p in shards),
@@ -240,7 +241,7 @@ def compute(root: Path, stage: str | None = None, tree: Path | str | ProductTree
         "splits": split_stats,
         "classes": {
             "num_classes": len(usable_classes),
-            "per_split": {split: _class_stats(split, counts, class_counts, product_tree, opts)
+            "per_split": {split: _class_stats(counts, class_counts, product_tree, opts)
                           for split, counts in class_counts.items()},
         },
         "hierarchy": None if product_tree is None else _hierarchy(product_tree, class_counts),
@@ -329,12 +330,14 @@ def _read(path: Path, columns: list[str]) -> pa.Table:
         raise UserError(f"cannot read the manifest shards under {path}: {exc}".splitlines()[0]) from None
 
 
-def _read_dropped(root: Path) -> pa.Table | None:
+def _read_dropped(root: Path) -> pa.Table:
     path = root / "clean" / "dropped.parquet"
+    columns = ["split", "label", "url", "reason"]
     if not path.is_file():
-        return None
+        # Clean always writes it; a root without it simply has nothing dropped.
+        return DROPPED_SCHEMA.empty_table().select(columns)
     try:
-        return pq.read_table(path, columns=["split", "label", "url", "reason"])
+        return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise UserError(f"cannot read {path}: {exc}".splitlines()[0]) from None
 
@@ -345,11 +348,6 @@ _OUTCOME_SCHEMA = pa.schema([pa.field("url", pa.string()), pa.field("status", pa
 def _outcomes(url: Any, status: Any) -> pa.Table:
     """(url, status) with one schema whatever the source's nullability, so tables concatenate."""
     return pa.Table.from_arrays([url, status], schema=_OUTCOME_SCHEMA)
-
-
-def _has_labels(dropped: pa.Table, split: str) -> bool:
-    mine = dropped.filter(pc.equal(dropped["split"], split))
-    return mine.num_rows > mine["label"].null_count
 
 
 def _image_column_bytes(shards: Sequence[Path]) -> int:
@@ -421,7 +419,7 @@ def _num(v: float) -> float | int:
     return int(f) if f.is_integer() else round(f, 2)
 
 
-def _class_stats(split: str, counts: dict[int, int], all_counts: dict[str, dict[int, int]],
+def _class_stats(counts: dict[int, int], all_counts: dict[str, dict[int, int]],
                  tree: ProductTree | None, opts: StatsOptions) -> dict[str, Any]:
     present = sorted(counts)
     values = np.array([counts[c] for c in present], dtype=np.int64)

@@ -33,7 +33,6 @@ from imatdata.errors import UserError
 from imatdata.manifest import (
     CLEAN_SCHEMA,
     DROPPED_SCHEMA,
-    RAW_SCHEMA,
     STATUSES,
     ShardWriter,
     list_shards,
@@ -294,6 +293,10 @@ def test_hosts_from_clean_and_dropped_without_raw(dataset: dict, tmp_path: Path)
     train = data["splits"]["train"]
     assert train["failures"] == {"fetch_failed": sum(d["split"] == "train" and d["reason"] == "fetch_failed"
                                                      for d in dataset["dropped"])}
+    # Without dropped.parquet nothing is known to be dropped: records are the kept rows.
+    (root / "clean" / "dropped.parquet").unlink()
+    train = stats.compute(root).data["splits"]["train"]
+    assert train["drops"] == {} and train["dropped"] == 0 and train["records"] == train["rows"]
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -417,4 +420,3 @@ def test_schema_mismatch_is_a_user_error(tmp_path: Path) -> None:
     write_table_atomic(pa.table({"id": ["a"], "something": [1]}), root / "raw" / "train" / "part-00000.parquet")
     with pytest.raises(UserError, match="cannot read"):
         stats.compute(root)
-    assert RAW_SCHEMA.names[0] == "id"
