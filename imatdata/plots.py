@@ -55,6 +55,17 @@ def _thousands(x: float, _pos: int) -> str:
     return f"{x:,.0f}"
 
 
+def _minor_log_label(span: float) -> Any:
+    """Label the 2x and 5x minor ticks of a log axis spanning under three decades, so a short
+    axis is not left with a single labelled tick; wider axes have enough major labels."""
+    def label(x: float, _pos: int) -> str:
+        if span >= 1000:
+            return ""
+        lead = round(x / 10 ** np.floor(np.log10(x)), 6)
+        return f"{x:,.0f}" if lead in (2.0, 5.0) else ""
+    return label
+
+
 def plot_class_counts(counts: Mapping[str, Sequence[int] | np.ndarray], path: Path, *,
                       min_count: int, stage: str) -> Path:
     """Images per class for each split, classes sorted from most to least frequent (log scale)."""
@@ -76,12 +87,19 @@ def plot_class_counts(counts: Mapping[str, Sequence[int] | np.ndarray], path: Pa
         return _save(fig, path)
     ax.axhline(min_count, color="#555555", linestyle="--", linewidth=1,
                label=f"threshold: {min_count} images")
-    ax.set_yscale("log")
+    positive = [int(v) for values in counts.values() for v in values if v > 0] + [max(min_count, 1)]
+    log = max(positive) / min(positive) >= 20
+    if log:
+        # A long tail needs a log axis; a narrow range reads better on a linear one.
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label(max(positive) / min(positive))))
+    else:
+        ax.set_ylim(bottom=0)
     ax.yaxis.set_major_formatter(FuncFormatter(_thousands))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.xaxis.set_major_formatter(FuncFormatter(_thousands))
     ax.set_xlabel("class rank (1 = most frequent)", fontsize=12)
-    ax.set_ylabel("images per class (log scale)", fontsize=12)
+    ax.set_ylabel("images per class" + (" (log scale)" if log else ""), fontsize=12)
     ax.set_xlim(left=0)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper right", fontsize=11)
