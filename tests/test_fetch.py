@@ -1,0 +1,314 @@
+"""`imatdata fetch` end to end: the real CLI against the sample server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from imatdata.cli import app
+from imatdata.download import NetConfig
+from imatdata.errors import UserError
+from imatdata.fetch import JOURNAL_DIR, SUMMARY_NAME, FetchOptions, journal_dir, parse_size, run_fetch
+from imatdata.manifest import RAW_SCHEMA, list_shards, read_table
+from imatdata.sample import (Catalogue, Item, big_catalogue, build_catalogue, encode, render_product,
+                             serve_in_thread, write_lists)
+
+FAST = ["--allow-net", "127.0.0.0/8", "--timeout", "2", "--retries", "2", "--quiet"]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["fetch", *args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def fetch_lib(sources: list[Path], root: Path, *, allow: bool = True, retries: int = 2, **kw) -> object:
+    """The library entry point, for tests that are not about the CLI or the stats files
+    (write_stats costs seconds per call on a busy 2-core machine)."""
+    net = NetConfig(timeout=2.0, retries=retries, backoff_base=0.05, allow_nets=("127.0.0.0/8",) if allow else ())
+    kw.setdefault("workers", 1)
+    return run_fetch(FetchOptions(sources, root=root, net=net, quiet=True, stats=False, **kw))
+
+
+def rows(root: Path, split: str | None = None) -> list[dict]:
+    base = root / "raw"
+    splits = [split] if split else sorted(p.name for p in base.iterdir() if p.is_dir() and list_shards(p))
+    return [r for s in splits for r in read_table(base / s).to_pylist()]
+
+
+def small_catalogue(n: int = 4, **extra: Item) -> Catalogue:
+    import random
+
+    cat = Catalogue(kind="t", seed=0)
+    for i in range(n):
+        cat.add(Item(id=f"{i:032x}.jpg", path=f"/ok/{i}", split="train", label=i,
+                     body=encode(render_product(i, random.Random(i), 64), "jpeg")))
+    for item in extra.values():
+        cat.add(item)
+    return cat
+
+
+# --- the whole fault catalogue, once -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fault_run(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("faults")
+    cat = build_catalogue("faults", seed=0)
+    with serve_in_thread(cat) as srv:
+        lists = write_lists(cat, srv, tmp / "lists")
+        root = tmp / "m"
+        args = [str(lists[s]) for s in ("train", "val", "test")] + ["--root", str(root), *FAST]
+        code, out, err = cli(*args)
+        assert code == 0, err
+        first_requests = srv.total_requests
+        # The same command again: everything is done, nothing is fetched.
+        shards_before = {p: p.stat().st_mtime_ns for p in (root / "raw").rglob("part-*.parquet")}
+        fetch_lib([lists[s] for s in ("train", "val", "test")], root)
+        yield {"cat": cat, "root": root, "rows": rows(root), "requests": (first_requests, srv.total_requests),
+               "shards": (shards_before, {p: p.stat().st_mtime_ns for p in (root / "raw").rglob("part-*.parquet")})}
+
+
+def test_every_fault_maps_to_its_status(fault_run) -> None:
+    cat, got = fault_run["cat"], fault_run["rows"]
+    expected = cat.expected()
+    assert Counter(r["id"] for r in got) == Counter(expected.keys()), "one row per input record"
+    wrong = {cat.by_id[r["id"]].kind: (r["status"], r["error"]) for r in got if r["status"] != expected[r["id"]]}
+    assert not wrong, wrong
+    by_split = Counter(r["split"] for r in got)
+    assert by_split == Counter(it.split for it in cat.listed())
+
+
+def test_rerun_fetches_nothing_and_keeps_shards(fault_run) -> None:
+    first, second = fault_run["requests"]
+    assert second == first
+    before, after = fault_run["shards"]
+    assert before == after
+
+
+def test_failure_rows_carry_cause_attempts_and_http_status(fault_run) -> None:
+    by_kind = {fault_run["cat"].by_id[r["id"]].kind: r for r in fault_run["rows"]}
+    assert (by_kind["http_404"]["http_status"], by_kind["http_404"]["attempts"]) == (404, 1)
+    assert (by_kind["http_500"]["http_status"], by_kind["http_500"]["attempts"]) == (500, 3)
+    assert by_kind["flaky_503"]["attempts"] == 3 and by_kind["rate_429"]["attempts"] == 2
+    assert by_kind["redirect_private"]["attempts"] == 1 and "10.255.255.1" in by_kind["redirect_private"]["error"]
+    for r in fault_run["rows"]:
+        if r["status"] == "ok":
+            assert r["error"] is None and r["image"] is not None
+        else:
+            assert r["error"] and r["image"] is None
+        assert r["fetched_at"] is not None
+
+
+def test_stored_images_are_upright_rgb_jpegs(fault_run) -> None:
+    cat = fault_run["cat"]
+    for r in fault_run["rows"]:
+        if r["status"] != "ok":
+            continue
+        img = Image.open(io.BytesIO(r["image"]))
+        img.load()
+        assert img.format == "JPEG" and img.mode == "RGB" and r["image_format"] == "jpeg"
+        assert img.size == (r["width"], r["height"]) and max(img.size) <= 512
+        item = cat.by_id[r["id"]]
+        if item.kind.startswith("exif_rot"):
+            assert img.size == tuple(item.params["upright_size"])
+            red = img.getpixel((3, 3))
+            assert red[0] > 180 and red[1] < 90, "upright: the red mark is top-left"
+        if item.kind in ("png_alpha", "png_palette"):
+            # png_alpha is transparent outside an ellipse; png_palette at its (0, 0) colour.
+            assert min(img.getpixel((0, 0))) > 235, "transparency flattened on white"
+        if item.kind == "large":
+            assert (r["width"], r["height"], r["orig_width"], r["orig_height"]) == (512, 384, 2000, 1500)
+        if item.kind == "gzip":
+            decoded = item.params["decoded_length"]
+            assert r["orig_bytes"] == decoded
+        if item.kind == "jpeg":
+            assert r["image"] == item.body  # an RGB JPEG within max-side is stored as served
+            assert r["sha256"] == hashlib.sha256(item.body).hexdigest()
+
+
+def test_shards_summary_and_stats_written(fault_run) -> None:
+    root = fault_run["root"]
+    for split in ("train", "val", "test"):
+        shards = list_shards(root / "raw" / split)
+        assert shards and pq.read_schema(shards[0]).names == RAW_SCHEMA.names
+    assert not list((root / "raw" / JOURNAL_DIR).rglob("*.parquet")), "journal folded into the shards"
+    summary = json.loads((root / "raw" / SUMMARY_NAME).read_text())
+    assert summary["splits"]["train"]["records"] == len(fault_run["cat"].listed("train"))
+    assert summary["splits"]["test"]["http_error"] == 1
+    assert (root / "stats" / "stats.json").exists()
+
+
+# --- safety, resume, retry ----------------------------------------------------------------------
+
+
+def test_loopback_blocked_without_allow_flags(tmp_path: Path) -> None:
+    cat = small_catalogue(3)
+    with serve_in_thread(cat) as srv:
+        lists = write_lists(cat, srv, tmp_path)
+        fetch_lib([lists["train"]], tmp_path / "m", allow=False)
+        assert srv.total_requests == 0
+    got = rows(tmp_path / "m")
+    assert [r["status"] for r in got] == ["blocked"] * 3 and all(r["attempts"] == 0 for r in got)
+
+
+def test_retry_failed_rewrites_transient_rows(tmp_path: Path) -> None:
+    flaky = Item(id="flaky.jpg", path="/flaky", split="train", label=9, fault="flaky_503",
+                 body=encode(Image.new("RGB", (40, 30), (9, 9, 9)), "jpeg"), params={"fail_first": 1})
+    gone = Item(id="gone.jpg", path="/gone", split="train", label=9, body=b"no\n", status=404)
+    cat = small_catalogue(4, flaky=flaky, gone=gone)
+    root = tmp_path / "m"
+    with serve_in_thread(cat) as srv:
+        lists = write_lists(cat, srv, tmp_path)
+        fetch_lib([lists["train"]], root, retries=0)
+        first = {r["id"]: r["status"] for r in rows(root)}
+        assert first["flaky.jpg"] == "http_error" and first["gone.jpg"] == "http_error"
+        fetch_lib([lists["train"]], root, retries=0)  # a plain rerun leaves failures alone
+        assert srv.total_requests == 6
+        fetch_lib([lists["train"]], root, retries=0, retry_failed=True)
+        # Only the 503 is transient: one more request, the 404 and the ok rows untouched.
+        assert srv.total_requests == 7 and srv.counter["/flaky"] == 2 and srv.counter["/gone"] == 1
+    final = rows(root)
+    assert Counter(r["id"] for r in final) == Counter(first.keys())
+    assert {r["id"]: r["status"] for r in final}["flaky.jpg"] == "ok"
+
+
+def test_skip_invalid_and_limit(tmp_path: Path) -> None:
+    cat = small_catalogue(4)
+    with serve_in_thread(cat) as srv:
+        lists = write_lists(cat, srv, tmp_path)
+        data = json.loads(lists["train"].read_text())
+        data["images"] += [{"id": "bad.jpg", "url": "ftp://x/y.jpg", "class": 1}, dict(data["images"][0]),
+                           {"url": "http://127.0.0.1/x.jpg"}]
+        lists["train"].write_text(json.dumps(data))
+        root = tmp_path / "m"
+        code, _, err = cli(str(lists["train"]), "--root", str(root), "--allow-net", "127.0.0.0/8", "--quiet")
+        assert code == 2 and not root.exists()
+        fetch_lib([lists["train"]], root, skip_invalid=True)
+        got = rows(root)
+        assert len(got) == 7
+        assert Counter(r["status"] for r in got) == {"ok": 4, "invalid": 3}
+        assert {r["error"] for r in got if r["status"] == "invalid"} == {
+            "field 'url': 'ftp://x/y.jpg' is not an http(s) URL", "field 'id': duplicate id", "field 'id': missing"}
+        fetch_lib([lists["train"]], root, skip_invalid=True)  # rerun: still one row per record
+        assert len(rows(root)) == 7 and srv.total_requests == 4
+        limited = tmp_path / "lim"
+        fetch_lib([lists["train"]], limited, skip_invalid=True, limit=2)
+        assert len(rows(limited)) == 2
+
+
+@pytest.mark.parametrize("name, content, expect", [
+    ("train.json", "not json at all", "not valid JSON"),
+    ("train.json", '{"imgs": []}', "field 'images': missing"),
+    ("train.json", '{"images": []}', "field 'images': the list is empty"),
+    ("train.json", '{"images": [{"id": "a", "url": "http://e.com/a"}, {"id": "b", "class": 1}]}',
+     "record 1: field 'url': missing"),
+    ("train.json", '{"images": [{"id": "a", "url": "http://e.com/a"}, {"id": "a", "url": "http://e.com/b"}]}',
+     "record 1: field 'id': duplicate id"),
+    ("train.json", '{"images": [{"id": "a", "url": "ftp://e.com/a"}]}', "record 0: field 'url'"),
+    ("train.json", '{"images": [{"id": "a", "url": "http://e.com/a", "class": "x"}]}', "record 0: field 'class'"),
+    ("val.csv", "id,url,class\na,http://e.com/a,1\nb,mailto:x@y.z,2\n", "record 1: field 'url'"),
+])
+def test_bad_input_exit_2_one_line_nothing_written(tmp_path: Path, name: str, content: str, expect: str) -> None:
+    src = tmp_path / name
+    src.write_text(content)
+    root = tmp_path / "m"
+    code, _, err = cli(str(src), "--root", str(root), "--quiet")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert str(src) in lines[0] and expect in lines[0], lines[0]
+    assert not root.exists()
+
+
+def test_bad_input_through_the_installed_entry_point(tmp_path: Path) -> None:
+    src = tmp_path / "test.json"
+    src.write_text('{"images": [{"id": "a", "url": "http://e.com/a"}, {"id": "b", "url": "ftp://e.com/b"}]}')
+    root = tmp_path / "m"
+    proc = subprocess.run([sys.executable, "-m", "imatdata", "fetch", str(src), "--root", str(root)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == (f"imatdata: error: {src}: record 1: field 'url': 'ftp://e.com/b' is not an "
+                                   "http(s) URL (--skip-invalid records such rows as status=invalid)")
+    assert not root.exists()
+
+
+def test_jsonl_csv_and_parquet_inputs(tmp_path: Path) -> None:
+    cat = small_catalogue(6)
+    with serve_in_thread(cat) as srv:
+        jl = write_lists(cat, srv, tmp_path / "a", fmt="jsonl")["train"]
+        cv = write_lists(cat, srv, tmp_path / "b", fmt="csv")["train"]
+        recs = [json.loads(line) for line in jl.read_text().splitlines()]
+        pqf = tmp_path / "c" / "extra.parquet"
+        pqf.parent.mkdir()
+        pq.write_table(pa.table({"id": [r["id"] for r in recs], "url": [r["url"] for r in recs],
+                                 "class": pa.array([r["class"] for r in recs], pa.int64())}), pqf)
+        fetch_lib([jl, pqf], tmp_path / "m")
+        fetch_lib([cv], tmp_path / "m", split="val")
+        for split in ("train", "val", "extra"):
+            got = rows(tmp_path / "m", split)
+            assert sorted(r["id"] for r in got) == sorted(r["id"] for r in recs)
+            assert all(r["status"] == "ok" and r["label"] == int(r["id"][:32], 16) for r in got)
+
+
+def test_kill_9_then_rerun_loses_only_in_flight_work(tmp_path: Path) -> None:
+    n = 800
+    cat = big_catalogue(n, n_bodies=8, size=24)
+    root = tmp_path / "m"
+    pending, journal_rows = 8, 16
+    with serve_in_thread(cat) as srv:
+        src = write_lists(cat, srv, tmp_path)["train"]
+        code = (
+            "import sys\n"
+            "from imatdata.fetch import FetchOptions, run_fetch\n"
+            "from imatdata.download import NetConfig\n"
+            "if __name__ == '__main__':\n"
+            f"    run_fetch(FetchOptions([{str(src)!r}], root={str(root)!r}, quiet=True, workers=1,"
+            f" pending={pending}, journal_rows={journal_rows}, journal_seconds=0.2,"
+            " net=NetConfig(concurrency=4, allow_nets=('127.0.0.0/8',))))\n")
+        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        jdir = journal_dir(root, "train")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if jdir.is_dir() and len(list(jdir.glob("j-*.parquet"))) >= 3:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "fetch finished before it could be killed: " + proc.stderr.read().decode()
+        os.killpg(proc.pid, signal.SIGKILL)  # the fetch and its image workers, mid-run
+        proc.wait()
+        journaled = sum(pq.read_metadata(p).num_rows for p in jdir.glob("j-*.parquet"))
+        before = srv.total_requests
+        assert 0 < journaled < n and not list_shards(root / "raw" / "train")
+        fetch_lib([src], root)
+        second_run = srv.total_requests - before
+    got = rows(root)
+    assert len(got) == n and len({r["id"] for r in got}) == n
+    assert all(r["status"] == "ok" for r in got)
+    # Lost work is bounded by what was in flight or not yet flushed, not by the run so far.
+    lost = before - journaled
+    assert lost <= pending + journal_rows + 4, (before, journaled)
+    assert second_run == n - journaled, "every journaled row was kept, every lost one fetched again"
+
+
+def test_parse_size() -> None:
+    assert parse_size("20MiB") == 20 * 1024 * 1024
+    assert parse_size("512KB") == 512_000
+    assert parse_size("1000") == 1000 and parse_size("1.5k") == 1536
+    with pytest.raises(UserError, match="--max-bytes"):
+        parse_size("lots")
