@@ -182,3 +182,70 @@ def plot_lr_find(result: LRFindResult, out: Path, title: str = "learning-rate ra
     out = Path(out)
     write_bytes_atomic(buf.getvalue(), out)
     return out
+
+
+def default_plot_path(cfg: Any) -> Path:
+    if cfg.out:
+        return Path(cfg.out) / "lr_find.png"
+    from datetime import datetime, timezone
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"lr-find-{cfg.model}-{stamp}" / "lr_find.png"
+
+
+def run_lr_find(cfg: Any, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
+                plot: Path | None = None, say: Callable[[str], None] = lambda _m: None) -> tuple[LRFindResult, Path]:
+    """The range test on the run's own data, sampler, augmentation, model, loss and
+    optimiser (what `imattrain run` with the same flags would train); writes the plot and a
+    JSON of the curve beside it."""
+    import json
+
+    from imattrain.data import build_loader, infer_num_classes, scan_split, validate_labels
+    from imattrain.engine import autocast_dtype, build_model_and_loss, build_optimizer, resolve_data_dir
+    from imattrain.predict import resolve_device
+    from imattrain.sampling import class_repeat_factors
+    from imattrain.transforms import build_train_transform
+
+    device = resolve_device(cfg.device)
+    data_dir = resolve_data_dir(cfg)
+    index = scan_split(data_dir, cfg.train_split)
+    indexes = [index]
+    if cfg.val_split and cfg.num_classes is None:
+        from imatdata.manifest import list_shards
+
+        if list_shards(data_dir / cfg.val_split):
+            indexes.append(scan_split(data_dir, cfg.val_split))
+    num_classes = cfg.num_classes or infer_num_classes(*indexes)
+    validate_labels(index, num_classes, cfg.train_split)
+    counts = index.class_counts(num_classes)
+    repeat = None if cfg.sampler == "instance" else class_repeat_factors(counts, cfg.sampler)
+    # lr-find decodes on the CPU even with --gpu-decode: a few hundred batches do not need it.
+    loader = build_loader(data_dir, cfg.train_split, transform=build_train_transform(cfg),
+                          batch_size=cfg.batch_size, workers=cfg.workers, train=True, seed=cfg.seed,
+                          repeat_factors=repeat, index=index, prefetch=cfg.prefetch,
+                          shuffle_buffer=cfg.shuffle_buffer)
+    if len(loader.dataset) == 0:
+        raise UserError(f"split {cfg.train_split!r} has no usable images to run lr-find on")
+    torch.manual_seed(cfg.seed)
+    model, loss_fn = build_model_and_loss(cfg, num_classes, counts)
+    model.to(device)
+    loss_fn.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader.dataset.set_epoch(epoch)
+        for batch in loader:
+            if batch["image"].shape[0]:
+                yield batch["image"], batch["label"]
+
+    say(f"lr-find: {cfg.model}, {num_classes} classes, lr {start_lr:g} -> {end_lr:g} over {steps} steps "
+        f"on {device}")
+    result = lr_range_test(model, optimizer, loss_fn, batches, start_lr=start_lr, end_lr=end_lr, steps=steps,
+                           device=device, autocast_dtype=autocast_dtype(cfg.amp, device),
+                           channels_last=cfg.channels_last, accumulate=cfg.grad_accum)
+    plot = Path(plot) if plot is not None else default_plot_path(cfg)
+    plot_lr_find(result, plot, title=f"lr-find: {cfg.model}, batch {cfg.batch_size}, {cfg.optimizer}")
+    write_bytes_atomic(json.dumps(result.to_dict(), indent=2).encode(), plot.with_suffix(".json"))
+    return result, plot

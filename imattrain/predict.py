@@ -26,6 +26,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -229,10 +230,15 @@ class LoadedCheckpoint:
     class_counts: np.ndarray
 
 
+def _natural_key(path: Path) -> list[Any]:
+    # snapshot-cycle10 after snapshot-cycle9.
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
 def snapshot_paths(run_dir: Path) -> list[Path]:
     """The SGDR snapshots of one run (`RUN_DIR/checkpoints/snapshot*.pt`), in cycle order."""
     folder = Path(run_dir) / "checkpoints"
-    found = sorted(folder.glob("snapshot*.pt")) if folder.is_dir() else []
+    found = sorted(folder.glob("snapshot*.pt"), key=_natural_key) if folder.is_dir() else []
     if not found:
         raise UserError(f"no SGDR snapshots in {folder}: train with --schedule sgdr, or pass "
                         "--checkpoint files instead")

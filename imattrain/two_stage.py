@@ -162,3 +162,52 @@ def retrain_classifier(cfg: Any, model: nn.Module, *, data_dir: Any, class_count
         optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing, device=device,
         autocast_dtype=autocast_dtype, channels_last=cfg.channels_last, on_epoch_end=on_epoch_end)
+
+
+def run_after_training(trainer: Any) -> TwoStageResult:
+    """The engine's hook: re-train the classifier of the finished run and write
+    `checkpoints/two_stage.pt` plus metrics records (phase "two_stage").
+
+    Works on a copy of the weights that eval/predict would use (the EMA when there is one),
+    so `last.pt`/`best.pt` keep describing the main run.
+    """
+    import copy
+
+    from imattrain.checkpoint import save_checkpoint, unwrap as unwrap_ckpt
+    from imattrain.engine import EpochStats, evaluate
+
+    cfg = trainer.cfg
+    source = trainer.ema.module if trainer.ema is not None else trainer.model
+    model = copy.deepcopy(unwrap_ckpt(source)).to(trainer.device)
+    trainer.say(f"two-stage: re-training the classifier for {cfg.two_stage_epochs} epoch(s) on "
+                f"class-balanced batches, backbone frozen")
+
+    def on_epoch_end(epoch: int, record: dict[str, Any]) -> None:
+        row: dict[str, Any] = {"epoch": cfg.epochs + epoch + 1, "phase": "two_stage",
+                               "train_loss": record["loss"], "lr": record["lr"]}
+        if trainer.val_loader is not None:
+            m = evaluate(model, trainer.val_loader, trainer.device, trainer.dtype,
+                         num_classes=trainer.num_classes, channels_last=cfg.channels_last)
+            row.update(val_loss=m["loss"], top1=m["top1"], top3=m["top3"], top5=m["top5"],
+                       top3_err=m["top3_err"], val_images=m["count"])
+        trainer._append_metrics(row)
+        shown = f" | val top-1 {row['top1']:.3f} top-3 {row['top3']:.3f}" if "top1" in row else ""
+        trainer.say(f"two-stage epoch {epoch + 1}/{cfg.two_stage_epochs} | loss {record['loss']:.4f}{shown}")
+
+    result = retrain_classifier(cfg, model, data_dir=trainer.data_dir, class_counts=trainer.class_counts,
+                                num_classes=trainer.num_classes, device=trainer.device,
+                                rank=trainer.world.rank, world_size=trainer.world.world_size,
+                                index=trainer.train_index, autocast_dtype=trainer.dtype,
+                                on_epoch_end=on_epoch_end)
+    if trainer.world.is_main:
+        state = trainer._state(cfg.epochs, 0, EpochStats())
+        last = trainer.history[-1] if trainer.history else {}
+        state.update(model=model.state_dict(), ema=None, optimizer=None, scheduler=None,
+                     two_stage={"epochs": cfg.two_stage_epochs, "steps": result.steps,
+                                "history": result.history},
+                     metrics={k: last[k] for k in ("top1", "top3", "top5", "top3_err", "val_loss")
+                              if k in last} or None)
+        path = trainer.paths.checkpoints / "two_stage.pt"
+        save_checkpoint(state, path)
+        trainer.say(f"two-stage: wrote {path}")
+    return result
