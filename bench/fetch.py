@@ -1,0 +1,323 @@
+"""Benchmark `imatdata fetch` against a local image server, in one run.
+
+Throughput (default): N URLs of realistic photos (600-900 px JPEGs, 60-200 KB, from
+`sample.photo_corpus`), resized to --max-side 512, measured three ways:
+
+  * the machine's ceiling: cores x the single-core rate of the image work alone
+    (decode + resize + encode + sha256, no network), measured here first;
+  * `imatdata fetch` (the real CLI, in a subprocess);
+  * a naive thread-pool downloader, the usual Kaggle script: urllib + PIL + save to files.
+
+For each: wall time, images/s, CPU ms per image (the process tree's user+system time),
+and the server's own CPU time, since it runs on the same cores in a separate process.
+
+Memory (--memory N): N tiny images (`sample.big_catalogue`), and the peak resident memory
+of the whole `imatdata fetch` process tree (main + image workers), sampled from /proc,
+with the RSS at each quarter of the run so a trend is visible.
+
+    .venv/bin/python bench/fetch.py [--n 10000] [--threads 32] [--no-naive]
+    .venv/bin/python bench/fetch.py --memory 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from imatdata.images import process_image
+from imatdata.sample import Catalogue, TinyRange, big_catalogue, photo_corpus, write_lists
+
+ROOT = Path(__file__).resolve().parents[1]
+IMATDATA = [sys.executable, "-m", "imatdata"]
+
+
+# --- the server, in its own process -----------------------------------------------------------
+
+
+def _catalogue(kind: str, n: int) -> Catalogue:
+    if kind == "tiny":
+        return big_catalogue(n, n_bodies=32, size=32)
+    pool = photo_corpus(48, seed=0)
+    cat = Catalogue(kind="photos", seed=0)
+    cat.ranges.append(TinyRange(n=n, bodies=tuple(pool), labels=tuple(range(1, 49)), split="train",
+                                prefix="/photo/"))
+    return cat
+
+
+def _serve(kind: str, n: int, conn) -> None:  # runs in a spawned process
+    import asyncio
+
+    from imatdata.sample import SampleServer
+
+    async def main() -> None:
+        async with SampleServer(_catalogue(kind, n), track_paths=False) as srv:
+            conn.send(srv.port)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, conn.recv)  # any message: stop
+
+    asyncio.run(main())
+
+
+class Server:
+    """The sample server in a separate process, so its CPU time is its own."""
+
+    def __init__(self, kind: str, n: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(kind, n, child), daemon=True)
+        self.proc.start()
+        self.port = self._conn.recv()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.proc.pid)
+
+    def close(self) -> None:
+        self._conn.send("stop")
+        self.proc.join(10)
+
+
+def proc_cpu_s(pid: int) -> float:
+    """user+system CPU seconds of one live process (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+# --- the ceiling ------------------------------------------------------------------------------
+
+
+def single_core_rate(bodies: list[bytes], seconds: float, max_side: int) -> float:
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        process_image(bodies[done % len(bodies)], max_side)
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
+# --- the naive downloader ---------------------------------------------------------------------
+
+
+def naive_download(list_path: Path, out_dir: Path, threads: int, max_side: int) -> int:
+    """What most competition download scripts do: a thread pool, urllib, PIL, one file each."""
+    from PIL import Image
+
+    records = json.loads(list_path.read_text())["images"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(rec: dict) -> bool:
+        try:
+            data = urllib.request.urlopen(rec["url"], timeout=30).read()
+            img = Image.open(io.BytesIO(data)).convert("RGB")
+            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+            img.save(out_dir / f"{rec['id']}", format="JPEG", quality=90)
+            return True
+        except Exception:
+            return False
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(one, records))
+
+
+# --- process-tree memory --------------------------------------------------------------------------
+
+
+def tree_rss_bytes(root_pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int, every: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        start = time.monotonic()
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic() - start, tree_rss_bytes(self.pid)))
+            self._stop.wait(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+
+
+def run_imat(list_path: Path, root: Path, extra: list[str], sample_rss: bool = False) -> dict:
+    cpu0 = children_cpu_s()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([*IMATDATA, "fetch", str(list_path), "--root", str(root), "--allow-net", "127.0.0.0/8",
+                             "--quiet", *extra], cwd=ROOT)
+    sampler = RssSampler(proc.pid) if sample_rss else None
+    if sampler:
+        sampler.start()
+    code = proc.wait()
+    wall = time.perf_counter() - t0
+    if sampler:
+        sampler.stop()
+    if code != 0:
+        raise SystemExit(f"imatdata fetch failed with exit code {code}")
+    summary = json.loads((root / "raw" / "fetch_summary.json").read_text())
+    return {"wall": wall, "cpu": children_cpu_s() - cpu0, "ok": summary["this_run"].get("ok", 0),
+            "records": summary["records"], "fetch_s": summary["elapsed_s"], "summary": summary,
+            "rss": sampler.samples if sampler else []}
+
+
+def run_naive(list_path: Path, out: Path, threads: int, max_side: int) -> dict:
+    cpu0 = children_cpu_s()
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--naive-worker", str(list_path), str(out), str(threads),
+                           str(max_side)], capture_output=True, text=True, check=True)
+    return {"wall": time.perf_counter() - t0, "cpu": children_cpu_s() - cpu0, "ok": int(proc.stdout.strip())}
+
+
+def throughput(args: argparse.Namespace) -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="imat-bench-fetch-"))
+    try:
+        bodies = photo_corpus(48, seed=0)
+        sizes = sorted(len(b) for b in bodies)
+        print(f"corpus: {args.n} URLs over 48 distinct photos, {sizes[0] // 1000}-{sizes[-1] // 1000} KB, "
+              f"median {sizes[len(sizes) // 2] // 1000} KB; {cores} cores")
+        rate1 = single_core_rate(bodies, args.ceiling_seconds, args.max_side)
+        ceiling = cores * rate1
+        print(f"image work alone: {rate1:.1f} images/s on one core ({1000 / rate1:.1f} ms each) "
+              f"-> ceiling {ceiling:.1f} images/s on {cores} cores")
+        server = Server("photos", args.n)
+        try:
+            lists = write_lists(_ListCatalogue(args.n), server, work / "lists")
+            rows = []
+            s0 = server.cpu_s()
+            imat = run_imat(lists["train"], work / "m", ["--max-side", str(args.max_side)])
+            imat["server_cpu"] = server.cpu_s() - s0
+            rows.append(("imatdata fetch", imat))
+            if not args.no_naive:
+                s0 = server.cpu_s()
+                naive = run_naive(lists["train"], work / "naive", args.threads, args.max_side)
+                naive["server_cpu"] = server.cpu_s() - s0
+                rows.append((f"naive ThreadPool({args.threads}) urllib+PIL", naive))
+        finally:
+            server.close()
+        print()
+        print(f"{'downloader':38} {'ok':>6} {'wall s':>7} {'img/s':>7} {'% ceil':>7} {'CPU ms/img':>10} "
+              f"{'server CPU ms/img':>17}")
+        for name, r in rows:
+            rate = r["ok"] / r["wall"]
+            print(f"{name:38} {r['ok']:6d} {r['wall']:7.1f} {rate:7.1f} {100 * rate / ceiling:6.1f}% "
+                  f"{1000 * r['cpu'] / max(1, r['ok']):10.1f} {1000 * r['server_cpu'] / max(1, r['ok']):17.1f}")
+        rate = imat["ok"] / imat["fetch_s"]
+        print(f"imatdata fetch, its fetch phase only (validation to final shards, from fetch_summary.json; "
+              f"the wall time above adds start-up and the stats files): {imat['fetch_s']:.1f}s, {rate:.1f} img/s, "
+              f"{100 * rate / ceiling:.1f}% of the ceiling")
+        print("the ceiling ignores the server's CPU, which shares the same cores")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class _ListCatalogue(Catalogue):
+    """The photo catalogue's records without its bodies (the lists only need ids and URLs)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(kind="photos", seed=0)
+        self.ranges.append(TinyRange(n=n, bodies=(b"",), labels=tuple(range(1, 49)), split="train",
+                                     prefix="/photo/"))
+
+
+def memory(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="imat-bench-mem-"))
+    try:
+        server = Server("tiny", args.memory)
+        try:
+            lists = write_lists(big_catalogue(args.memory, n_bodies=1, size=8), server, work / "lists")
+            s0 = server.cpu_s()
+            r = run_imat(lists["train"], work / "m", [], sample_rss=True)
+            server_cpu = server.cpu_s() - s0
+        finally:
+            server.close()
+        samples = r["rss"]
+        peak = max(rss for _, rss in samples)
+        print(f"memory: {r['records']} records of tiny images, {r['ok']} ok, wall {r['wall']:.1f}s "
+              f"({r['ok'] / r['wall']:.0f} img/s), fetch CPU {r['cpu']:.0f}s, server CPU {server_cpu:.0f}s")
+        print(f"peak RSS of the fetch process tree: {peak / 2**20:.0f} MiB")
+        end = samples[-1][0]
+        marks = []
+        for q in (0.1, 0.25, 0.5, 0.75, 0.9, 1.0):
+            t_q = q * end
+            window = [rss for t, rss in samples if t <= t_q]
+            marks.append(f"{int(q * 100)}%: {max(window) / 2**20:.0f} MiB")
+        print("peak RSS so far at each fraction of the run time: " + ", ".join(marks))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--naive-worker":
+        list_path, out, threads, max_side = sys.argv[2:6]
+        print(naive_download(Path(list_path), Path(out), int(threads), int(max_side)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=10_000, help="photo URLs for the throughput run")
+    parser.add_argument("--max-side", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=32, help="threads of the naive downloader")
+    parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--ceiling-seconds", type=float, default=8.0)
+    parser.add_argument("--memory", type=int, default=0, help="run the memory part with this many tiny images")
+    args = parser.parse_args()
+    if args.memory:
+        memory(args)
+    else:
+        throughput(args)
+
+
+if __name__ == "__main__":
+    main()
