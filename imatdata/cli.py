@@ -103,6 +103,48 @@ def fetch(
 
 
 # clean --------------------------------------------------------------------------------------
+
+
+@app.command()
+def clean(
+    root: str = typer.Option(None, "--root", help="Manifest root (default: $IMAT_ROOT, else ./manifests)."),
+    min_size: int = typer.Option(64, "--min-size", help="Drop images whose shorter original side is below this."),
+    max_aspect: float = typer.Option(0.0, "--max-aspect", help="Drop images whose long/short side ratio exceeds "
+                                     "this (0: off)."),
+    dedup: str = typer.Option("near", "--dedup", help="near (exact + perceptual-hash duplicates), exact "
+                              "(identical bytes as served) or off (no duplicate, placeholder, leak or "
+                              "label-conflict checks)."),
+    hash_distance: int = typer.Option(4, "--hash-distance", help="Near duplicates: phash Hamming distance "
+                                      "at most this many bits."),
+    placeholder_min_urls: int = typer.Option(10, "--placeholder-min-urls", help="A duplicate group with at "
+                                             "least this many URLs..."),
+    placeholder_min_classes: int = typer.Option(3, "--placeholder-min-classes", help="...over at least this "
+                                                "many classes is a placeholder: all of it is dropped."),
+    workers: int = typer.Option(None, "--workers", help="Hashing processes (default: all cores)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no table."),
+) -> None:
+    """Drop broken, undersized, duplicate, placeholder and leaked images: raw/ -> clean/ + dropped.parquet."""
+
+    def _run() -> None:
+        from rich.console import Console
+
+        from imatdata import clean as clean_mod
+        from imatdata.manifest import resolve_root
+
+        config = clean_mod.CleanConfig(min_size=min_size, max_aspect=max_aspect, dedup=dedup,
+                                       hash_distance=hash_distance, placeholder_min_urls=placeholder_min_urls,
+                                       placeholder_min_classes=placeholder_min_classes, workers=workers)
+        if quiet:
+            clean_mod.clean(resolve_root(root), config)
+            return
+        console = Console()
+        with clean_mod.RichProgress(console) as progress:
+            result = clean_mod.clean(resolve_root(root), config, progress=progress)
+        clean_mod.render_report(result, console)
+
+    run_command(_run)
+
+
 # stats --------------------------------------------------------------------------------------
 
 
