@@ -1,0 +1,130 @@
+"""The near-duplicate index against brute force, and the vectorised union-find."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imatdata import dedup
+
+
+def flip_bits(h: np.int64, bits: np.ndarray) -> np.int64:
+    mask = np.uint64(0)
+    for b in bits:
+        mask |= np.uint64(1) << np.uint64(int(b))
+    return (np.array([h]).view(np.uint64) ^ mask).view(np.int64)[0]
+
+
+def planted_hashes(n: int, d: int, seed: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """`n` random hashes, then for every distance 0..d+1 several planted twins."""
+    g = np.random.default_rng(seed)
+    hashes = list(g.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, n, dtype=np.int64))
+    planted = []
+    for dist in range(d + 2):
+        for _ in range(6):
+            src = int(g.integers(0, n))
+            twin = flip_bits(hashes[src], g.choice(64, dist, replace=False))
+            planted.append((src, len(hashes), dist))
+            hashes.append(twin)
+    return np.array(hashes, dtype=np.int64), planted
+
+
+def as_set(pairs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> set[tuple[int, int, int]]:
+    i, j, d = pairs
+    assert i.size == len(set(zip(i.tolist(), j.tolist()))), "a pair was reported twice"
+    return set(zip(i.tolist(), j.tolist(), d.tolist()))
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, 4, 7])
+@pytest.mark.parametrize("blocks", [None, "d+1", "few"])
+def test_index_equals_brute_force(d: int, blocks: str | None) -> None:
+    hashes, planted = planted_hashes(3000, d, seed=d)
+    m = {None: None, "d+1": d + 1, "few": max(1, min(3, d // 2 + 1))}[blocks]
+    found = as_set(dedup.near_pairs(hashes, d, blocks=m, chunk_pairs=997))
+    reference = as_set(dedup.brute_force_pairs(hashes, d))
+    assert found == reference
+    for src, twin, dist in planted:
+        hit = (min(src, twin), max(src, twin), dist) in found
+        assert hit == (dist <= d), (src, twin, dist)
+
+
+def test_clustered_hashes_and_equal_values() -> None:
+    # Dense clusters (many hashes sharing blocks) and exact repeats stress bucket sizes.
+    g = np.random.default_rng(7)
+    centres = g.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, 20, dtype=np.int64)
+    hashes = np.array([flip_bits(centres[k % 20], g.choice(64, int(g.integers(0, 6)), replace=False))
+                       for k in range(1500)], dtype=np.int64)
+    hashes[::50] = hashes[0]
+    for d in (3, 4, 6):
+        assert as_set(dedup.near_pairs(hashes, d, chunk_pairs=1000)) == as_set(dedup.brute_force_pairs(hashes, d))
+
+
+def test_block_plans_cover_the_hash() -> None:
+    for d in range(0, 33):
+        for n in (10, 10_000, 1_000_000):
+            m = dedup.choose_blocks(n, d)
+            plan = dedup.block_plan(d, m)
+            assert sum(plan.widths) == 64 and plan.starts[0] == 0
+            # Pigeonhole: m blocks each within `radius` bits cannot cover more than d errors.
+            assert (plan.radius + 1) * plan.blocks > d
+            assert dedup.flips_per_block(plan) <= dedup.MAX_FLIPS
+    assert dedup.choose_blocks(1_000_000, 4) < 5  # wider blocks beat d+1 on a million hashes
+    with pytest.raises(ValueError):
+        list(dedup.iter_near_pairs(np.arange(10, dtype=np.int64), 12, blocks=1))
+
+
+def test_hamming_and_popcount() -> None:
+    assert int(dedup.hamming(-1, 0)) == 64
+    assert int(dedup.hamming(np.int64(5), np.int64(6))) == 2
+    assert dedup.popcount(np.array([0, 1, 3, -1], dtype=np.int64)).tolist() == [0, 1, 2, 64]
+
+
+def reference_components(n: int, edges: list[tuple[int, int]]) -> list[set[int]]:
+    adj: dict[int, set[int]] = {k: set() for k in range(n)}
+    for a, b in edges:
+        adj[a].add(b)
+        adj[b].add(a)
+    seen: set[int] = set()
+    comps = []
+    for start in range(n):
+        if start in seen:
+            continue
+        stack, comp = [start], set()
+        while stack:
+            v = stack.pop()
+            if v not in comp:
+                comp.add(v)
+                stack.extend(adj[v] - comp)
+        seen |= comp
+        comps.append(comp)
+    return comps
+
+
+def test_union_find_matches_graph_search() -> None:
+    g = np.random.default_rng(3)
+    n = 2000
+    i, j = g.integers(0, n, 1500), g.integers(0, n, 1500)
+    # A long chain in reverse order: the worst case for hooking by smaller root.
+    chain = np.arange(1000, 1400)
+    i = np.concatenate([i, chain[1:][::-1]])
+    j = np.concatenate([j, chain[:-1][::-1]])
+    uf = dedup.UnionFind(n)
+    uf.union(i[:700], j[:700])
+    uf.union(i[700:], j[700:])  # unions accumulate
+    roots = uf.roots()
+    got = sorted(sorted(map(int, c)) for c in dedup.groups_from_roots(roots, min_size=1))
+    want = sorted(sorted(c) for c in reference_components(n, list(zip(i.tolist(), j.tolist()))))
+    assert got == want
+    assert all(roots[k] == min(c) for c in want for k in c)
+
+
+def test_near_groups_links_transitively_and_collapses_repeats() -> None:
+    base = np.int64(0x0123456789ABCDEF)
+    a = flip_bits(base, np.array([0, 1, 2]))
+    b = flip_bits(a, np.array([10, 11, 12]))  # 3 from a, 6 from base
+    far = flip_bits(base, np.arange(20, 40))
+    hashes = np.array([base, a, b, far, base, base], dtype=np.int64)
+    uf = dedup.near_groups(hashes, 3)
+    groups = [g.tolist() for g in dedup.groups_from_roots(uf.roots())]
+    assert groups == [[0, 1, 2, 4, 5]]
+    assert dedup.equal_value_pairs(np.array([b"x", b"y", b"x"], dtype="S1"))[1].tolist() == [2]
