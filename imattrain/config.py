@@ -55,6 +55,8 @@ class TrainConfig:
     prefetch: int = _opt(2, "Batches each worker prepares ahead.", group="data")
     shuffle_buffer: int = _opt(2048, "Samples mixed across row groups by the shuffle buffer.",
                                group="data")
+    threads: int = _opt(0, "CPU threads for the model on a CPU device (0: the cores left "
+                           "after --workers, at least 1).", group="data")
     gpu_decode: bool = _opt(False, "Decode JPEGs on the GPU in batches (nvjpeg); workers then "
                                    "only read bytes. Needs CUDA.", group="data")
 
@@ -164,7 +166,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"--{flag_name(name)} must be at least 1 "
                                 f"(got {getattr(self, name)})")
-        non_negative = ("workers", "shuffle_buffer", "checkpoint_every", "max_steps",
+        non_negative = ("workers", "threads", "shuffle_buffer", "checkpoint_every", "max_steps",
                         "weight_decay", "clip_grad", "warmup_epochs", "min_lr", "focal_gamma",
                         "tau", "hier_weight", "color_jitter", "rotation")
         for name in non_negative:

@@ -422,8 +422,11 @@ def build_loader(data_dir: str | Path, split: str, *, transform: Callable[[Image
     if workers > 0:
         kwargs.update(prefetch_factor=prefetch, persistent_workers=train,
                       multiprocessing_context=multiprocessing_context)
+    # A private generator: iterating must not draw from the global RNG, or a resumed run's
+    # randomness (dropout, GPU augmentation) would drift from the uninterrupted run's.
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      **kwargs)
+                      generator=generator, **kwargs)
 
 
 def gpu_decode_batch(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:

@@ -11,6 +11,7 @@ import copy
 import io
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -275,6 +276,11 @@ def train(cfg: TrainConfig) -> RunResult:
     """Run (or resume) training as configured; under torchrun, every rank calls this."""
     world = D.env_world()
     device = D.resolve_device(cfg.device, world)
+    if device.type == "cpu":
+        # Oversubscribed OpenMP threads spin against the loader workers (and other ranks):
+        # on a busy 2-core machine that is 10-20x slower than one thread.
+        per_rank = max(1, (os.cpu_count() or 1) // world.world_size - cfg.workers)
+        torch.set_num_threads(cfg.threads or per_rank)
     D.init(world, device)
     try:
         return _Trainer(cfg, world, device).run()

@@ -9,6 +9,7 @@ weights (which need a download or a warm torch hub cache).
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,10 @@ def _torchvision_pretrained(name: str, num_classes: int, say: Any) -> nn.Module:
         weights = torchvision.models.get_model_weights(name).DEFAULT
     except (ValueError, KeyError):
         raise UserError(f"torchvision has no pretrained weights for {name}") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not cached.is_file() and os.environ.get("IMAT_OFFLINE"):
+        raise UserError(f"torchvision's {name} weights are not in the torch hub cache ({cached}) "
+                        f"and IMAT_OFFLINE is set: copy the file there or pass --pretrained PATH")
     try:
         model = torchvision.models.get_model(name, weights=weights)
     except Exception as exc:  # URLError, OSError, hash mismatch: all mean "could not fetch"
