@@ -157,19 +157,25 @@ def iter_near_pairs(hashes: np.ndarray, max_distance: int, *, blocks: int | None
         raise ValueError(f"{m} blocks for distance {max_distance} means probing "
                          f"{flips_per_block(plan)} buckets per hash; use more blocks")
     index = np.arange(n, dtype=np.int64)
+    if n >= 2**31:
+        raise ValueError("at most 2**31 - 1 hashes per search")
     for b in range(plan.blocks):
         shift, width = np.uint64(plan.starts[b]), plan.widths[b]
-        mask = np.uint64((1 << width) - 1)
-        keys = (u >> shift) & mask
+        key_type = np.uint32 if width <= 32 else np.uint64
+        keys = ((u >> shift) & np.uint64((1 << width) - 1)).astype(key_type)
         order = np.argsort(keys, kind="stable").astype(np.int64)
         sorted_keys = keys[order]
         if width <= _TABLE_MAX_BITS:
-            counts = np.bincount(keys.astype(np.int64), minlength=1 << width).astype(np.int64)
-            starts = np.cumsum(counts) - counts
+            counts = np.bincount(keys, minlength=1 << width)
+            # (start, count) side by side in one 8-byte cell: one memory access per lookup.
+            cells = np.empty((1 << width, 2), dtype=np.int32)
+            cells[:, 1] = counts
+            cells[:, 0] = np.cumsum(counts) - counts
+            table = cells.view(np.int64).ravel()
 
             def lookup(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                qi = q.astype(np.int64)
-                return starts[qi], counts[qi]
+                found = table[q.astype(np.intp)].view(np.int32).reshape(-1, 2)
+                return found[:, 0].astype(np.int64), found[:, 1].astype(np.int64)
         else:
             def lookup(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 lo = np.searchsorted(sorted_keys, q, side="left")
@@ -185,7 +191,7 @@ def iter_near_pairs(hashes: np.ndarray, max_distance: int, *, blocks: int | None
             else:
                 # Buckets `key` and `key ^ flip`: probe only from the smaller key, so the
                 # pair is generated once.
-                probe = keys ^ np.uint64(flip)
+                probe = keys ^ key_type(flip)
                 up = probe > keys
                 lo, cnt = lookup(probe[up])
                 pairs = _expand(index[up], lo, cnt, order, chunk_pairs)
