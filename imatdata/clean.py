@@ -49,9 +49,9 @@ DCT is done at reduced size. The hash can thus differ by a bit or two from `phas
 full-resolution decode; all hashes within imat are computed the same way (`image_phash`).
 
 Speed and memory: hashing runs in a process pool (spawn-safe: the worker is a top-level
-function over plain bytes) fed with streamed batches, so only ids, labels, sizes and hashes
-of a split are held in memory, never its image bytes; a second streaming pass writes the
-kept rows. The whole new `clean/` is built beside the old one and swapped in by rename, so
+function over plain bytes) fed with batches streamed one row group at a time, with at most
+two batches per worker in flight, so only ids, labels, sizes and hashes of a split are held
+in memory, never its image bytes; a second streaming pass writes the kept rows. The whole new `clean/` is built beside the old one and swapped in by rename, so
 readers see the old stage or the new one, whole; `raw/` is only ever read.
 """
 
@@ -84,9 +84,10 @@ from imatdata.manifest import (
     DROP_REASONS,
     DROPPED_SCHEMA,
     ShardWriter,
-    iter_batches,
     list_shards,
     list_splits,
+    read_row_group,
+    row_groups,
     shard_name,
     write_table_atomic,
 )
@@ -101,6 +102,7 @@ HASH_DRAFT_SIDE = 64
 MAX_HASH_DISTANCE = 32
 
 _KEEP = 0
+_SPLIT_ORDER = {TRAIN_SPLIT: 0, "val": 1, TEST_SPLIT: 2}
 _REASON_CODE = {reason: k + 1 for k, reason in enumerate(DROP_REASONS)}
 _PASS1_COLUMNS = ["id", "label", "url", "status", "error", "image", "width", "height",
                   "orig_width", "orig_height", "orig_bytes", "sha256"]
@@ -287,10 +289,11 @@ def _url_key(url: str | None) -> int:
     return int.from_bytes(hashlib.blake2b(url.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
-def _raw_batches(shards: Sequence[Path], columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    # Shard by shard so the row order is the file order in both passes.
-    for shard in shards:
-        yield from iter_batches([shard], columns=columns, batch_size=batch_rows)
+def _raw_batches(split_path: Path, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A split's rows in file order, one row group in memory at a time (at most 64 MiB as
+    the manifest writer sizes them), whatever the size of the split."""
+    for ref in row_groups(split_path):
+        yield from read_row_group(ref, columns).to_batches(max_chunksize=batch_rows)
 
 
 def _per_row_checks(rows: _Rows, g: int, meta: dict, hashed: HashedRow | None, cfg: CleanConfig) -> None:
@@ -338,7 +341,7 @@ def _pass1(raw: Path, splits: list[str], cfg: CleanConfig, progress: ProgressFn 
         for code, split in enumerate(splits):
             g = offsets[code]
             id_chunks = []
-            for batch in _raw_batches(shards[split], _PASS1_COLUMNS, cfg.batch_rows):
+            for batch in _raw_batches(raw / split, _PASS1_COLUMNS, cfg.batch_rows):
                 id_chunks.append(batch.column("id"))
                 meta = batch.drop_columns(["image"]).to_pylist()
                 images = batch.column("image").to_pylist()
@@ -499,7 +502,7 @@ def _write(raw: Path, staging: Path, rows: _Rows, cfg: CleanConfig,
         g = rows.offsets[code]
         writer = ShardWriter(staging / split, schema=CLEAN_SCHEMA)
         with writer:
-            for batch in _raw_batches(list_shards(raw / split), CLEAN_SCHEMA.names[:-1], 512):
+            for batch in _raw_batches(raw / split, CLEAN_SCHEMA.names[:-1], 512):
                 n = batch.num_rows
                 sl = slice(g, g + n)
                 if not batch.column("id").equals(rows.ids[code].slice(g - rows.offsets[code], n)):
@@ -555,7 +558,10 @@ def clean(root: Path, config: CleanConfig | None = None, *, progress: ProgressFn
     cfg = config or CleanConfig()
     root = Path(root)
     raw = root / "raw"
-    splits = list_splits(raw)
+    # train, val, test first (the table reads in pipeline order), then any others by name.
+    # Hidden folders (fetch's .journal) are never splits.
+    splits = sorted((s for s in list_splits(raw) if not s.startswith(".")),
+                    key=lambda s: (_SPLIT_ORDER.get(s, len(_SPLIT_ORDER)), s))
     if not splits:
         raise UserError(f"no raw manifest under {raw}: run `imatdata fetch` first, "
                         "or point --root (or IMAT_ROOT) at the folder that holds raw/")
