@@ -30,6 +30,7 @@ from torch import nn
 
 from imatdata.errors import UserError
 from imatdata.tree import ProductTree
+from imattrain.checkpoint import unwrap
 
 LEVELS = (1, 2, 3)
 IGNORE_INDEX = -1
@@ -74,17 +75,6 @@ def classifier_parameters(model: nn.Module, num_classes: int) -> list[nn.Paramet
     return list(find_classifier(inner, num_classes).linear.parameters())
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user model inside DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 # --- tree → level targets ---------------------------------------------------------------------
 
 
@@ -106,10 +96,6 @@ def level_targets_from_tree(tree: ProductTree, num_classes: int) -> tuple[torch.
     return table, sizes
 
 
-def load_tree(tree_path: str | Path | None) -> ProductTree:
-    return ProductTree.load(tree_path)
-
-
 # --- the model --------------------------------------------------------------------------------
 
 
@@ -120,7 +106,7 @@ class HierarchicalModel(nn.Module):
                  level_targets: torch.Tensor | None = None, level_sizes: Sequence[int] | None = None) -> None:
         super().__init__()
         if level_targets is None or level_sizes is None:
-            level_targets, sizes = level_targets_from_tree(load_tree(tree_path), num_classes)
+            level_targets, sizes = level_targets_from_tree(ProductTree.load(tree_path), num_classes)
             level_sizes = sizes
         slot = find_classifier(model, num_classes)
         head = slot.linear

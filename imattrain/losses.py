@@ -68,7 +68,7 @@ class FocalLoss(nn.Module):
             raise UserError(f"--focal-gamma must be >= 0, got {gamma}")
         self.gamma = float(gamma)
         self.label_smoothing = float(label_smoothing)
-        self.register_buffer("weight", weight if weight is not None else None, persistent=False)
+        self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = logits.float()

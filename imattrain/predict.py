@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -489,7 +488,3 @@ def predict_submission(paths: Sequence[Path], data_dir: Path, out: Path, *, spli
     return PredictReport(rows=len(all_ids), with_image=int(with_image.sum()), from_prior=from_prior,
                          out=str(out), probs=str(probs_out) if probs_out else None)
 
-
-def report_json(report: EvalReport | PredictReport | Any) -> str:
-    data = report.to_dict() if hasattr(report, "to_dict") else asdict(report)
-    return json.dumps(data, indent=2)

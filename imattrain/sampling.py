@@ -1,9 +1,9 @@
 """Class-aware sampling: how many copies of each training image an epoch should hold.
 
 `class_repeat_factors(class_counts, mode)` gives, per class, the *expected* number of times
-each of its images appears in one epoch. The data loader turns the factors into whole
-repeats per epoch (stochastic rounding, reseeded every epoch), so the epoch length stays
-about the same as with plain instance sampling while the class mix changes:
+each of its images appears in one epoch. The data loader (`imattrain.data`) turns the
+factors into whole repeats per epoch (stochastic rounding, reseeded every epoch), so the
+epoch length stays the same as with plain instance sampling while the class mix changes:
 
 - `instance`: every image once (factor 1) — the natural, long-tailed distribution.
 - `sqrt`: class c is drawn in proportion to sqrt(n_c) (factor ∝ 1/sqrt(n_c)), the
@@ -49,21 +49,3 @@ def class_repeat_factors(class_counts: np.ndarray, mode: str) -> np.ndarray:
     factors[present] = raw * total / float((counts[present] * raw).sum())
     return factors
 
-
-def sample_repeat_factors(labels: np.ndarray, class_counts: np.ndarray, mode: str) -> np.ndarray:
-    """Per-image factors: `class_repeat_factors` looked up by each image's label
-    (labels of -1 or outside the class range get 0: they cannot be trained on)."""
-    factors = class_repeat_factors(class_counts, mode)
-    labels = np.asarray(labels, dtype=np.int64)
-    out = np.zeros(labels.shape, dtype=np.float64)
-    ok = (labels >= 0) & (labels < factors.size)
-    out[ok] = factors[labels[ok]]
-    return out
-
-
-def stochastic_repeats(factors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Whole copies per image for one epoch: floor(f) plus one more with probability frac(f),
-    so the expectation is exactly `factors` (the LVIS repeat-factor scheme)."""
-    factors = np.asarray(factors, dtype=np.float64)
-    base = np.floor(factors)
-    return (base + (rng.random(factors.shape) < (factors - base))).astype(np.int64)

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imatdata.errors import UserError
-from imattrain.hierarchy import classifier_parameters, unwrap
+from imattrain.checkpoint import unwrap
+from imattrain.hierarchy import classifier_parameters
 from imattrain.sampling import class_repeat_factors
 
 
@@ -173,12 +174,12 @@ def run_after_training(trainer: Any) -> TwoStageResult:
     """
     import copy
 
-    from imattrain.checkpoint import save_checkpoint, unwrap as unwrap_ckpt
+    from imattrain.checkpoint import save_checkpoint
     from imattrain.engine import EpochStats, evaluate
 
     cfg = trainer.cfg
     source = trainer.ema.module if trainer.ema is not None else trainer.model
-    model = copy.deepcopy(unwrap_ckpt(source)).to(trainer.device)
+    model = copy.deepcopy(unwrap(source)).to(trainer.device)
     trainer.say(f"two-stage: re-training the classifier for {cfg.two_stage_epochs} epoch(s) on "
                 f"class-balanced batches, backbone frozen")
 

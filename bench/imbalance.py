@@ -1,0 +1,191 @@
+"""Do the long-tail tricks help? A measured comparison on a learnable synthetic set.
+
+    .venv/bin/python bench/imbalance.py [--epochs 9] [--out /tmp/imat-bench-imbalance]
+
+The set mimics the 2019 imbalance: 10 classes of rendered "products" (imatdata.sample's
+render_product, 32 px) with train counts geometric from 100 down to 15 (6.7x; ~460 images),
+and a balanced validation split (15 per class) — the competition's val and test are far
+flatter than its train. Every row trains the same small model (shufflenet_v2_x0_5 from
+scratch, AdamW, SGDR with three equal cycles so every run leaves three snapshots) for the
+same number of epochs with the same seed, through the real `imattrain` code paths
+(engine.train, the shard loader, predict.evaluate_checkpoints); only the trick differs.
+(mobilenet_v3_small is not used: its BatchNorm momentum of 0.01 leaves the running
+statistics near their initial values after a few hundred steps, so it evaluates at chance.)
+
+
+  ce                  instance sampling, cross-entropy (the baseline)
+  sqrt / balanced     --sampler sqrt / balanced
+  focal               --loss focal (gamma 2)
+  class-balanced      --loss class-balanced (beta 0.999)
+  two-stage           the ce run + --two-stage (2 epochs of classifier re-training)
+  tau=1               the ce run evaluated with logit adjustment tau = 1 (no tuning)
+  tau tuned           the ce run, tau chosen on this same val split (optimistic: tuned
+                      and scored on one split)
+  snapshots           the ce run's three SGDR snapshots averaged
+  tta flip/five-crop  the ce run with test-time augmentation
+  hierarchy           --tree (a 3-level tree over the classes) with --hier-weight 0.3
+
+One seed per row, so differences of a point or two are within noise; the machine is shared
+and CPU-only, so timings are indicative only. Nothing here is part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+N_CLASSES = 10
+SIZE = 32
+VAL_PER_CLASS = 15
+
+
+def train_counts(n: int = N_CLASSES, top: int = 100, bottom: int = 15) -> list[int]:
+    return [int(round(top * (bottom / top) ** (i / (n - 1)))) for i in range(n)]
+
+
+def write_data(folder: Path, seed: int = 0, val_per_class: int = VAL_PER_CLASS) -> Path:
+    """clean/{train,val} shards of rendered JPEGs (the clean schema, as imatdata writes it)."""
+    import io
+    from datetime import datetime, timezone
+
+    from imatdata.manifest import CLEAN_SCHEMA, ShardWriter
+    from imatdata.sample import render_product
+
+    rng = random.Random(seed)
+    stamp = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def row(split: str, row_id: str, label: int) -> dict[str, Any]:
+        buf = io.BytesIO()
+        render_product(label, rng, SIZE).save(buf, format="JPEG", quality=90)
+        data = buf.getvalue()
+        return {"id": row_id, "split": split, "label": label, "url": f"http://127.0.0.1/{row_id}",
+                "status": "ok", "attempts": 1, "http_status": 200, "image": data, "image_format": "jpeg",
+                "width": SIZE, "height": SIZE, "orig_width": SIZE, "orig_height": SIZE,
+                "orig_bytes": len(data), "fetched_at": stamp, "phash": 0}
+
+    counts = train_counts()
+    splits = {
+        "train": [row("train", f"t{c}-{i}", c) for c, n in enumerate(counts) for i in range(n)],
+        "val": [row("val", f"v{c}-{i}", c) for c in range(N_CLASSES) for i in range(val_per_class)],
+    }
+    rng.shuffle(splits["train"])
+    for split, rows in splits.items():
+        with ShardWriter(folder / split, schema=CLEAN_SCHEMA, row_group_rows=128) as w:
+            w.write_rows(rows)
+    return folder
+
+
+def write_tree(path: Path) -> Path:
+    """A 3-level tree over the classes. Classes c and c+9 share shape and colour in
+    render_product (they differ in texture), so they are siblings, as look-alike products
+    are in the real tree; upper levels group neighbouring shapes."""
+    tree: dict[str, dict[str, dict[str, list[str]]]] = {}
+    for c in range(N_CLASSES):
+        style = c % 9
+        l1, l2, l3 = f"g{style // 5}", f"s{style // 2}", f"look{style}"
+        tree.setdefault(l1, {}).setdefault(l2, {}).setdefault(l3, []).append(str(c))
+    path.write_text(json.dumps(tree, indent=1))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=6, help="epochs per run (a multiple of 3: SGDR cycles)")
+    parser.add_argument("--model", default="shufflenet_v2_x0_5")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/imat-bench-imbalance"))
+    parser.add_argument("--only", nargs="*", default=None, help="run only these training rows")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from imattrain.config import TrainConfig
+    from imattrain.engine import train
+    from imattrain.predict import evaluate_checkpoints
+
+    torch.set_num_threads(args.threads)
+    out = args.out
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    data = write_data(out / "clean")
+    tree = write_tree(out / "tree.json")
+    counts = train_counts()
+    print(f"train counts {counts} (ratio {counts[0] / counts[-1]:.1f}x, {sum(counts)} images); "
+          f"val {VAL_PER_CLASS * N_CLASSES} balanced; {SIZE}px; {args.model}; {args.epochs} epochs; "
+          f"threads {args.threads}", flush=True)
+
+    common = dict(data=str(data), model=args.model, image_size=SIZE, eval_resize=36, epochs=args.epochs,
+                  batch_size=args.batch_size, workers=0, optimizer="adamw", lr=args.lr, weight_decay=0.05,
+                  momentum=0.9, schedule="sgdr", sgdr_t0=args.epochs / 3, sgdr_tmult=1.0, crop_scale=0.5,
+                  rotation=0.0, device="cpu", seed=0, quiet=True)
+    variants: dict[str, dict[str, Any]] = {
+        "ce": dict(two_stage=True, two_stage_epochs=2),
+        "sqrt": dict(sampler="sqrt"),
+        "balanced": dict(sampler="balanced"),
+        "focal": dict(loss="focal", focal_gamma=2.0),
+        "class-balanced": dict(loss="class-balanced", cb_beta=0.999),
+        "hierarchy": dict(tree=str(tree), hier_weight=0.3),
+    }
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only}
+
+    rows: list[dict[str, Any]] = []
+
+    def evaluate(name: str, paths: list[Path], seconds: float | None, **kw: Any) -> None:
+        t0 = time.perf_counter()
+        rep = evaluate_checkpoints(paths, data, split="val", batch_size=128, workers=0, device="cpu", **kw)
+        m = rep.metrics
+        rare = [c for c in m.per_class if c.label >= N_CLASSES // 2]
+        rows.append({"row": name, "top1": m.top1, "top3": m.top3, "balanced_top1": m.balanced_accuracy,
+                     "rare_half_top1": float(np.mean([c.top1 for c in rare])), "tau": rep.tau,
+                     "train_s": seconds, "eval_s": time.perf_counter() - t0})
+        r = rows[-1]
+        print(f"  {name:<22} top-1 {r['top1']:.3f}  top-3 {r['top3']:.3f}  rare-half top-1 "
+              f"{r['rare_half_top1']:.3f}" + (f"  (tau {rep.tau:g})" if rep.tau else ""), flush=True)
+
+    for name, extra in variants.items():
+        run_dir = out / "runs" / name
+        t0 = time.perf_counter()
+        train(TrainConfig(**{**common, **extra, "out": str(run_dir)}).validate())
+        seconds = time.perf_counter() - t0
+        ck = run_dir / "checkpoints"
+        print(f"{name}: trained in {seconds:.0f}s", flush=True)
+        evaluate(name, [ck / "last.pt"], seconds)
+        if name == "ce":
+            evaluate("ce + two-stage", [ck / "two_stage.pt"], None)
+            evaluate("ce + tau=1", [ck / "last.pt"], None, tau=1.0)
+            evaluate("ce + tau tuned on val", [ck / "last.pt"], None, tune=True)
+            snaps = sorted(ck.glob("snapshot-cycle*.pt"))
+            evaluate(f"ce snapshots x{len(snaps)}", snaps, None)
+            evaluate("ce + tta flip", [ck / "last.pt"], None, tta="flip")
+            evaluate("ce + tta five-crop", [ck / "last.pt"], None, tta="five-crop")
+
+    print()
+    # The val split is balanced, so its top-1 is also the balanced (mean per-class) accuracy.
+    print("| row | val top-1 | val top-3 | rare-half top-1 | train s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        secs = f"{r['train_s']:.0f}" if r["train_s"] else ""
+        name = r["row"] + (f" (tau={r['tau']:g})" if r["row"].endswith("tuned on val") else "")
+        print(f"| {name} | {r['top1']:.3f} | {r['top3']:.3f} | {r['rare_half_top1']:.3f} | {secs} |")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nresults: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
