@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imatdata.errors import UserError
-from imatdata.manifest import list_shards, read_table, write_bytes_atomic, write_table_atomic
+from imatdata.manifest import read_table, write_bytes_atomic, write_table_atomic
 
 TTA_MODES = ("none", "flip", "five-crop")
 DEFAULT_TAU_GRID = tuple(round(0.1 * i, 2) for i in range(0, 21))  # 0.0 .. 2.0
@@ -279,10 +279,10 @@ def load_checkpoints(paths: Sequence[Path], device: torch.device, *, use_ema: bo
 
 @dataclass
 class Predictions:
-    """Averaged probabilities of the rows that had an image, in the loader's order."""
+    """Averaged probabilities of every row of a split the loader yielded, in shard order."""
 
     ids: list[str]
-    probs: np.ndarray  # (N, C) float32
+    probs: np.ndarray  # (N, C) float32; rows without an image are zeros
     labels: np.ndarray  # (N,) int64, -1 when unknown
     has_image: np.ndarray  # (N,) bool
 
@@ -292,10 +292,14 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device must be auto, cpu or cuda (got {name!r})")
     return torch.device(name)
 
 
 def _autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    if amp not in ("auto", "none", "bf16", "fp16"):
+        raise UserError(f"--amp must be auto, none, bf16 or fp16 (got {amp!r})")
     if amp == "none":
         return None
     if amp == "fp16":
@@ -314,21 +318,40 @@ def _group_by_input(checkpoints: Sequence[LoadedCheckpoint], tta: str) -> list[l
     return list(groups.values())
 
 
+def split_row_ids(index: Any) -> list[str]:
+    """Every id of a scanned split (`imattrain.data.SplitIndex`), in the index's (shard) order."""
+    from imatdata.manifest import read_row_group
+
+    ids: list[str] = []
+    for unit in index.units:
+        ids += [str(v) for v in read_row_group(unit, ["id"]).column("id").to_pylist()]
+    return ids
+
+
 def infer(checkpoints: Sequence[LoadedCheckpoint], data_dir: Path, split: str, *, tta: str = "none",
           batch_size: int = 128, workers: int = 2, device: torch.device | None = None,
           include_missing: bool = False, amp: str = "auto", channels_last: bool = True) -> Predictions:
-    """Probabilities averaged over TTA views and checkpoints for every row of `split`."""
-    from imattrain.data import build_loader
+    """Probabilities averaged over TTA views and checkpoints for the rows of `split`
+    (all of them with `include_missing`, else those with a decodable image)."""
+    from imattrain.data import build_loader, scan_split
     from imattrain.transforms import build_eval_transform
 
     if tta not in TTA_MODES:
         raise UserError(f"unknown --tta {tta!r}: choose one of {', '.join(TTA_MODES)}")
+    if batch_size < 1 or workers < 0:
+        raise UserError("--batch-size must be at least 1 and --workers not negative")
     device = device or resolve_device()
     dtype = _autocast_dtype(device, amp)
-    total: dict[str, np.ndarray] = {}
-    meta: dict[str, tuple[int, bool]] = {}
-    order: list[str] = []
-    n_members = 0
+    index = scan_split(data_dir, split)
+    all_ids = split_row_ids(index)
+    position = {row_id: i for i, row_id in enumerate(all_ids)}
+    num_classes = checkpoints[0].num_classes
+    # Preallocated in shard order: loader workers interleave batches, and accumulating
+    # into one float32 array keeps memory at N x C x 4 bytes whatever the ensemble size.
+    total = np.zeros((len(all_ids), num_classes), dtype=np.float32)
+    seen = np.zeros(len(all_ids), dtype=bool)
+    has_image = np.zeros(len(all_ids), dtype=bool)
+    labels = np.full(len(all_ids), -1, dtype=np.int64)
     for group in _group_by_input(checkpoints, tta):
         size = group[0].image_size
         if tta == "five-crop":
@@ -337,52 +360,36 @@ def infer(checkpoints: Sequence[LoadedCheckpoint], data_dir: Path, split: str, *
         else:
             transform = build_eval_transform(size, group[0].eval_resize)
         loader = build_loader(data_dir, split, transform=transform, batch_size=batch_size,
-                              workers=workers, train=False, include_missing=include_missing)
-        first_group = not order
+                              workers=workers, train=False, include_missing=include_missing, index=index)
         with torch.inference_mode():
             for batch in loader:
-                ids = list(batch["id"])
-                has = batch["has_image"].numpy().astype(bool) if "has_image" in batch else \
-                    np.ones(len(ids), dtype=bool)
-                labels = batch["label"].numpy().astype(np.int64)
-                images = batch["image"].to(device, non_blocking=True)
-                probs = torch.zeros(len(ids), group[0].num_classes, dtype=torch.float64)
-                if has.any():
-                    views = tta_views(images[torch.from_numpy(has)], tta, size)
-                    acc = torch.zeros(int(has.sum()), group[0].num_classes, dtype=torch.float64,
-                                      device=device)
-                    for member in group:
-                        for view in views:
-                            if channels_last:
-                                view = view.contiguous(memory_format=torch.channels_last)
-                            with torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                enabled=dtype is not None):
-                                logits = member.model(view)
-                            acc += F.softmax(logits.float(), dim=1).double()
-                    probs[torch.from_numpy(has)] = (acc / (len(views))).cpu()
-                block = probs.numpy()
-                for i, row_id in enumerate(ids):
-                    if first_group:
-                        order.append(row_id)
-                        meta[row_id] = (int(labels[i]), bool(has[i]))
-                        total[row_id] = block[i].copy()
-                    elif row_id in total:
-                        total[row_id] += block[i]
-        n_members += len(group)
-    probs = np.stack([total[i] / n_members for i in order]).astype(np.float32) if order else \
-        np.zeros((0, checkpoints[0].num_classes), dtype=np.float32)
-    return Predictions(ids=order, probs=probs,
-                       labels=np.array([meta[i][0] for i in order], dtype=np.int64),
-                       has_image=np.array([meta[i][1] for i in order], dtype=bool))
-
-
-def split_row_ids(data_dir: Path, split: str) -> list[str]:
-    """Every id of a split, in shard order (the order a submission follows)."""
-    folder = Path(data_dir) / split
-    if not list_shards(folder):
-        raise UserError(f"no shards for split {split!r} under {data_dir}: run `imatdata clean` first "
-                        "or point --data at the clean folder")
-    return [str(v) for v in read_table(folder, columns=["id"]).column("id").to_pylist()]
+                rows = np.array([position[str(i)] for i in batch["id"]], dtype=np.int64)
+                if rows.size == 0:
+                    continue
+                has = batch["has_image"].numpy().astype(bool)
+                seen[rows] = True
+                has_image[rows] = has
+                labels[rows] = batch["label"].numpy()
+                if not has.any():
+                    continue
+                images = batch["image"][torch.from_numpy(has)].to(device, non_blocking=True)
+                views = tta_views(images, tta, size)
+                acc = torch.zeros(images.shape[0], num_classes, dtype=torch.float32, device=device)
+                for member in group:
+                    for view in views:
+                        if channels_last:
+                            view = view.contiguous(memory_format=torch.channels_last)
+                        with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                            enabled=dtype is not None):
+                            logits = member.model(view)
+                        acc += F.softmax(logits.float(), dim=1)
+                total[rows[has]] += (acc / len(views)).cpu().numpy()
+    total /= len(checkpoints)
+    # With include_missing every row counts (one the loader never yielded is treated as
+    # having no image); otherwise only the rows that had one.
+    keep = np.arange(len(all_ids)) if include_missing else np.flatnonzero(seen)
+    return Predictions(ids=[all_ids[i] for i in keep], probs=total[keep] if keep.size < len(all_ids) else total,
+                       labels=labels[keep], has_image=has_image[keep])
 
 
 # --- eval -------------------------------------------------------------------------------------
@@ -425,7 +432,7 @@ def evaluate_checkpoints(paths: Sequence[Path], data_dir: Path, *, split: str = 
     loaded = load_checkpoints(paths, dev)
     preds = infer(loaded, data_dir, split, tta=tta, batch_size=batch_size, workers=workers, device=dev,
                   include_missing=False, amp=amp)
-    log_p = np.log(np.clip(preds.probs.astype(np.float64), 1e-30, None))
+    log_p = np.log(np.clip(preds.probs, 1e-30, None))
     prior = log_prior(loaded[0].class_counts) if (tau or tune) else None
     search = None
     if tune:
@@ -457,34 +464,28 @@ def predict_submission(paths: Sequence[Path], data_dir: Path, out: Path, *, spli
     """Write the competition file (and optionally the probabilities) for every row of `split`."""
     if tau < 0 or not math.isfinite(tau):
         raise UserError(f"--tau must be a finite number >= 0 (got {tau})")
-    all_ids = split_row_ids(data_dir, split)
     dev = resolve_device(device)
     loaded = load_checkpoints(paths, dev)
     preds = infer(loaded, data_dir, split, tta=tta, batch_size=batch_size, workers=workers, device=dev,
                   include_missing=True, amp=amp)
+    all_ids = preds.ids  # include_missing: every row of the split, in shard order
     counts = loaded[0].class_counts
     num_classes = loaded[0].num_classes
-    prior_probs = counts / counts.sum() if counts.sum() > 0 else np.full(num_classes, 1.0 / num_classes)
-    fallback = prior_top(counts if counts.sum() > 0 else np.ones(num_classes), 3)
+    if counts.sum() <= 0:
+        counts = np.ones(num_classes)
+    prior_probs = (counts / counts.sum()).astype(np.float32)
     prior = log_prior(counts) if tau else None
-    position = {row_id: i for i, row_id in enumerate(preds.ids)}
+    with_image = preds.has_image
     top3 = np.empty((len(all_ids), min(3, num_classes)), dtype=np.int64)
-    probs = np.empty((len(all_ids), num_classes), dtype=np.float32) if probs_out else None
-    from_prior = 0
-    have = [position.get(row_id, -1) for row_id in all_ids]
-    with_image = np.array([i >= 0 and bool(preds.has_image[i]) for i in have], dtype=bool)
-    idx = np.array([i for i, ok in zip(have, with_image) if ok], dtype=np.int64)
-    if idx.size:
-        log_p = np.log(np.clip(preds.probs[idx].astype(np.float64), 1e-30, None))
+    if with_image.any():
+        log_p = np.log(np.clip(preds.probs[with_image], 1e-30, None))
         top3[with_image] = top_k(adjust(log_p, prior, tau), 3)
-        if probs is not None:
-            probs[with_image] = preds.probs[idx]
-    top3[~with_image] = fallback
-    from_prior = int((~with_image).sum())
-    if probs is not None:
-        probs[~with_image] = prior_probs.astype(np.float32)
+    top3[~with_image] = prior_top(counts, 3)
+    if probs_out is not None:
+        probs = preds.probs
+        probs[~with_image] = prior_probs
         write_probs(probs_out, all_ids, probs)
     write_submission(out, all_ids, top3)
-    return PredictReport(rows=len(all_ids), with_image=int(with_image.sum()), from_prior=from_prior,
+    return PredictReport(rows=len(all_ids), with_image=int(with_image.sum()), from_prior=int((~with_image).sum()),
                          out=str(out), probs=str(probs_out) if probs_out else None)
 
