@@ -281,9 +281,16 @@ class UnionFind:
 
 def groups_from_roots(roots: np.ndarray, min_size: int = 2) -> list[np.ndarray]:
     """Members of each set with at least `min_size` members, in ascending order."""
-    order = np.argsort(roots, kind="stable")
-    sorted_roots = roots[order]
-    bounds = np.flatnonzero(np.diff(sorted_roots)) + 1
+    roots = np.asarray(roots)
+    if min_size > 1:
+        # Most elements of a real dataset are singletons: drop them before splitting, so a
+        # million rows do not become a million little arrays.
+        size = np.bincount(roots, minlength=roots.size)
+        members = np.flatnonzero(size[roots] >= min_size)
+    else:
+        members = np.arange(roots.size)
+    order = members[np.argsort(roots[members], kind="stable")]
+    bounds = np.flatnonzero(np.diff(roots[order])) + 1
     return [g for g in np.split(order, bounds) if g.size >= min_size]
 
 
