@@ -7,7 +7,9 @@ the target; ImageFolder opens one file per image and decodes it in full.
 
     .venv/bin/python bench/loader.py [--images 3000] [--workers 2] [--batch-size 64]
 
-The source photos are ~512 px JPEGs (q90), what `imatdata fetch --max-side 512` stores.
+Two baselines: the very same stored JPEGs (<= 512 px, q90, what `imatdata fetch` keeps) as
+files, and the photos as served (600-900 px) as files, which is what a 2019-style pipeline
+(download, then ImageFolder) reads.
 Each loader runs `--repeats` times, alternating, and the best pass counts (the machine may be
 shared: the figures are noisy, the ratio less so).
 """
@@ -15,14 +17,17 @@ shared: the figures are noisy, the ratio less so).
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
@@ -37,27 +42,40 @@ from imattrain.transforms import build_train_transform  # noqa: E402
 CLASSES = 8
 
 
-def make_sources(n: int, root: Path) -> tuple[Path, Path]:
-    """The same JPEG bytes as clean shards and as ImageFolder class folders."""
-    photos = photo_corpus(n, seed=0, min_side=448, max_side=512, lazy=True)
-    shards, folders = root / "clean", root / "folders"
+def _stored(original: bytes, max_side: int = 512) -> bytes:
+    """What `imatdata fetch --max-side 512` keeps: longer side <= 512, JPEG q90."""
+    img = Image.open(io.BytesIO(original)).convert("RGB")
+    img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def make_sources(n: int, root: Path) -> tuple[Path, Path, Path]:
+    """Clean shards of the stored (<= 512 px) images, the same bytes as class-folder files,
+    and the photos as served (600-900 px) as class-folder files (the 2019 set-up)."""
+    served = photo_corpus(n, seed=0, lazy=True)  # 600-900 px, what the web serves
+    pool = min(n, 48)
+    stored_pool = [_stored(served[i]) for i in range(pool)]
+    shards, same, originals = root / "clean", root / "folders-512", root / "folders-served"
     now = datetime.now(timezone.utc)
     with ShardWriter(shards / "train", schema=CLEAN_SCHEMA, row_group_rows=256) as writer:
         batch = []
         for i in range(n):
-            body = photos[i]
+            body = stored_pool[i % pool]
             label = i % CLASSES
             batch.append({"id": f"{i:07d}.jpg", "split": "train", "label": label,
                           "status": "ok", "image": body, "image_format": "jpeg",
                           "fetched_at": now})
-            target = folders / f"class{label:02d}" / f"{i:07d}.jpg"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(body)
+            for folder, data in ((same, body), (originals, served[i])):
+                target = folder / f"class{label:02d}" / f"{i:07d}.jpg"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
             if len(batch) == 256:
                 writer.write_rows(batch)
                 batch = []
         writer.write_rows(batch)
-    return shards, folders
+    return shards, same, originals
 
 
 def _collate(items: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
@@ -90,32 +108,34 @@ def main() -> None:
     root = args.keep or Path(tempfile.mkdtemp(prefix="imat-bench-loader-"))
     try:
         t0 = time.perf_counter()
-        shards, folders = make_sources(args.images, root)
-        print(f"sources: {args.images} JPEGs of ~512 px, as shards and as files "
-              f"({time.perf_counter() - t0:.1f}s to build)")
+        shards, same, originals = make_sources(args.images, root)
+        print(f"sources: {args.images} photos, stored <= 512 px in shards and as files, and "
+              f"as served (600-900 px) as files ({time.perf_counter() - t0:.1f}s to build)")
         cfg = TrainConfig(image_size=args.image_size, augment="basic")
         transform = build_train_transform(cfg)
         imat = build_loader(shards, "train", transform=transform, batch_size=args.batch_size,
                             workers=args.workers, train=True, pin_memory=False)
-        folder_ds = ImageFolder(str(folders), transform=transform)
-        baseline = DataLoader(folder_ds, batch_size=args.batch_size, shuffle=True,
-                              num_workers=args.workers, collate_fn=_collate,
-                              persistent_workers=args.workers > 0)
-        best = {"imat shards": 0.0, "ImageFolder": 0.0}
+        loaders: dict[str, Any] = {"imat shards (512)": imat}
+        for name, folder in (("ImageFolder (512)", same), ("ImageFolder (served)", originals)):
+            loaders[name] = DataLoader(ImageFolder(str(folder), transform=transform),
+                                       batch_size=args.batch_size, shuffle=True,
+                                       num_workers=args.workers, collate_fn=_collate,
+                                       persistent_workers=args.workers > 0)
+        best = {name: 0.0 for name in loaders}
         for r in range(args.repeats):
             imat.dataset.set_epoch(r)
-            for name, loader in (("imat shards", imat), ("ImageFolder", baseline)):
+            for name, loader in loaders.items():
                 seconds, n = timed_pass(loader)
-                rate = n / seconds
-                best[name] = max(best[name], rate)
-                print(f"  pass {r + 1}: {name:12s} {rate:8.1f} images/s ({n} in {seconds:.1f}s)")
-        ratio = best["imat shards"] / best["ImageFolder"]
+                best[name] = max(best[name], n / seconds)
+                print(f"  pass {r + 1}: {name:21s} {n / seconds:8.1f} images/s "
+                      f"({n} in {seconds:.1f}s)")
+        ours = best["imat shards (512)"]
         print()
-        print(f"{'loader':14s} {'images/s':>10s}")
+        print(f"{'loader':22s} {'images/s':>10s} {'imat speed-up':>14s}")
         for name, rate in best.items():
-            print(f"{name:14s} {rate:10.1f}")
-        print(f"speed-up: {ratio:.2f}x (target >= 1.5x); workers={args.workers}, "
-              f"batch={args.batch_size}, size={args.image_size}, basic augmentation")
+            print(f"{name:22s} {rate:10.1f} {ours / rate:13.2f}x")
+        print(f"(target >= 1.5x; workers={args.workers}, batch={args.batch_size}, "
+              f"size={args.image_size}, basic augmentation, same transform object everywhere)")
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

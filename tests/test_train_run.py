@@ -151,3 +151,25 @@ def test_pretrained_torchvision_offline_is_one_clear_error(tmp_path: Path,
     monkeypatch.setenv("IMAT_OFFLINE", "1")  # refuse before any connection is attempted
     with pytest.raises(UserError, match="not in the torch hub cache"):
         build_model("resnet18", 4, pretrained="torchvision")
+
+
+def test_gpu_benchmark_script_starts_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_train.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["gpu_train.py", "--device", "cpu", "--steps", "2",
+                                      "--model", "resnet18", "--image-size", "64",
+                                      "--batch-size", "4", "--workers", "1", "--amp", "none",
+                                      "--classes", "4", "--keep", str(tmp_path)])
+    assert bench.main() == 0
+    out = capsys.readouterr().out
+    assert "cpu-decode" in out and "images/s" in out and "skipped: needs CUDA" in out
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sys, "argv", ["gpu_train.py"])
+        assert bench.main() == 2
+        assert "no CUDA device here" in capsys.readouterr().err
