@@ -263,8 +263,9 @@ def test_rerun_is_idempotent_and_replaces_output(tmp_path: Path, planted: Plante
     second = {p.relative_to(tmp_path): pq.read_table(p) for p in (tmp_path / "clean").rglob("*.parquet")}
     assert first.keys() == second.keys()
     assert all(first[k].equals(second[k]) for k in first)
-    # A rerun with other settings replaces the output; a split gone from raw/ is gone from clean/.
-    (tmp_path / "raw" / "val" / "part-00000.parquet").unlink()
+    # A rerun with other settings replaces the output; a split gone from raw/ is gone from clean/;
+    # a hidden folder (fetch's journal) is never a split.
+    os.replace(tmp_path / "raw" / "val", tmp_path / "raw" / ".journal")
     clean_mod.clean(tmp_path, config(min_size=0, max_aspect=0.0), write_stats=False)
     assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["dropped.parquet", "flags.parquet",
                                                                       "test", "train"]
@@ -338,7 +339,9 @@ def test_cli_clean_prints_table(tmp_path: Path, planted: Planted) -> None:
     assert res.exit_code == 0, res.output
     for word in ("placeholder", "leak", "label_conflict", "near_duplicate", "kept", "flagged"):
         assert word in res.output
-    assert notes(tmp_path / "clean" / "dropped.parquet") .keys() >= planted.dropped.keys()
+    header = next(line for line in res.output.splitlines() if "reason" in line)
+    assert header.index("train") < header.index("val") < header.index("test")  # pipeline order
+    assert notes(tmp_path / "clean" / "dropped.parquet").keys() >= planted.dropped.keys()
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
