@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import signal
 import warnings
 from dataclasses import dataclass
 
@@ -169,9 +170,20 @@ def process_image(body: bytes, max_side: int = 512, max_pixels: int = DEFAULT_MA
             return ImageResult("ok", None, data, "jpeg", rgb.width, rgb.height, **base)
 
 
+def process_images(bodies: list[bytes], max_side: int = 512,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageResult]:
+    """`process_image` over a batch: one round trip to a worker process for several bodies."""
+    return [process_image(body, max_side, max_pixels) for body in bodies]
+
+
 def worker_init() -> None:
-    """Process-pool initializer: Pillow must not half-accept truncated files in workers."""
+    """Process-pool initializer: Pillow must not half-accept truncated files in workers, and
+    Ctrl-C is the parent's to handle (it stops the run and keeps the journal)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread (a test calling this directly)
+        pass
 
 
 def _describe(body: bytes) -> str:
