@@ -42,14 +42,14 @@ def metrics(out: Path) -> list[dict]:
 def test_learns_writes_run_files_and_checkpoints_reload(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     code, text = run("--data", str(data), "--out", str(out), "--model", "resnet18",
-                     "--epochs", "3", "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.002",
+                     "--image-size", "24", "--epochs", "2", "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.002",
                      "--weight-decay", "0.01", "--crop-scale", "0.7", "--workers", "1",
-                     "--schedule", "sgdr", "--sgdr-t0", "1", "--sgdr-tmult", "2",
+                     "--schedule", "sgdr", "--sgdr-t0", "1", "--sgdr-tmult", "1",
                      "--ema-decay", "0.9", "--checkpoint-every", "2")
     assert code == 0, text
     m = metrics(out)
-    assert [r["epoch"] for r in m] == [1, 2, 3]
-    assert m[-1]["train_loss"] < 0.6 * m[0]["train_loss"]
+    assert [r["epoch"] for r in m] == [1, 2]
+    assert m[-1]["train_loss"] < 0.75 * m[0]["train_loss"]
     assert max(r["top1"] for r in m) >= 0.5  # chance is 0.25 with 4 classes
     assert all(r["corrupt_skipped"] == 2 for r in m)  # counted, never a crash
     # 96 rows with status ok fill 6 batches of 16 exactly; the 2 corrupt ones are dropped.
@@ -69,7 +69,7 @@ def test_learns_writes_run_files_and_checkpoints_reload(data: Path, tmp_path: Pa
         assert key in ckpt, key
     assert ckpt["num_classes"] == 4 and ckpt["class_counts"] == [24] * 4  # usable rows only
     model, _ = load_model(out / "checkpoints" / "best.pt", use_ema=True)
-    loader = build_loader(data, "val", transform=build_eval_transform(32), batch_size=16,
+    loader = build_loader(data, "val", transform=build_eval_transform(24), batch_size=16,
                           workers=0, train=False)
     again = evaluate(model, loader, torch.device("cpu"), "none")
     best_epoch = min(m, key=lambda r: r["ema_top3_err"])
