@@ -456,7 +456,11 @@ class _Trainer:
         # Drop lines of epochs the resumed run will write again.
         lines = []
         if self.paths.metrics.exists():
-            lines = [json.loads(s) for s in self.paths.metrics.read_text().splitlines() if s]
+            for text in self.paths.metrics.read_text().splitlines():
+                try:
+                    lines.append(json.loads(text))
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the kill; that epoch is rewritten anyway
         self.history = [m for m in lines if m["epoch"] <= resumed_epoch]
         text = "".join(json.dumps(m) + "\n" for m in self.history)
         write_bytes_atomic(text.encode(), self.paths.metrics)
