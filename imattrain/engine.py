@@ -610,6 +610,10 @@ class _Trainer:
                         return True
                     break
         progress.close()
+        if self.device.type == "cuda":
+            # Kernels still queued belong to this epoch's time, or images/s would be flattered.
+            torch.cuda.synchronize(self.device)
+            stats.train_time += time.perf_counter() - tick
         stats.loss_sum += float(loss_sum)
         self._end_epoch(epoch, stats)
         return bool(cfg.max_steps and self.step >= cfg.max_steps and epoch + 1 < cfg.epochs)
