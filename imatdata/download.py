@@ -42,7 +42,6 @@ RETRYABLE_CODES = frozenset({408, 429})
 # is a user-agent token ("imat: noai").
 _VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
 _READ_CHUNK = 64 * 1024
-TRANSIENT_STATUSES = frozenset({"timeout", "connection_error"})
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,6 @@ JOURNAL_DIR = ".journal"
 LOCK_NAME = ".fetch.lock"
 SUMMARY_NAME = "fetch_summary.json"
 JOURNAL_SCHEMA = RAW_SCHEMA.append(pa.field("_key", pa.uint64(), nullable=False))
-FAILED = tuple(s for s in STATUSES if s != "ok")
 _STATUS_CODE = {s: i for i, s in enumerate(STATUSES)}
 _NO_KEY = np.uint64(0)  # rows of earlier runs that carry no resumable key (old invalid rows)
 
