@@ -322,7 +322,8 @@ class ImagePool:
 
     def _make(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=imagework.worker_init)
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=imagework.worker_init,
+            initargs=(os.getpid(),))
 
     async def process(self, body: bytes) -> imagework.ImageResult:
         fut: asyncio.Future[imagework.ImageResult] = asyncio.get_running_loop().create_future()
@@ -382,7 +383,7 @@ class ImagePool:
     def warm_up(self) -> None:
         # Start the workers now, while input is read, not when the first body arrives.
         for _ in range(self.workers):
-            self._pool.submit(imagework.worker_init)
+            self._pool.submit(imagework.ready)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -290,8 +290,16 @@ def test_kill_9_then_rerun_loses_only_in_flight_work(tmp_path: Path) -> None:
                 break
             time.sleep(0.01)
         assert proc.poll() is None, "fetch finished before it could be killed: " + proc.stderr.read().decode()
-        os.killpg(proc.pid, signal.SIGKILL)  # the fetch and its image workers, mid-run
+        os.kill(proc.pid, signal.SIGKILL)  # the fetch process only, mid-run
         proc.wait()
+        # Its image workers notice and exit rather than linger as orphans.
+        gone_by = time.monotonic() + 10
+        while time.monotonic() < gone_by and _group_alive(proc.pid):
+            time.sleep(0.1)
+        orphans = _group_alive(proc.pid)
+        if orphans:
+            os.killpg(proc.pid, signal.SIGKILL)
+        assert not orphans, "image workers outlived the killed fetch"
         journaled = sum(pq.read_metadata(p).num_rows for p in jdir.glob("j-*.parquet"))
         before = srv.total_requests
         assert 0 < journaled < n and not list_shards(root / "raw" / "train")
@@ -304,6 +312,14 @@ def test_kill_9_then_rerun_loses_only_in_flight_work(tmp_path: Path) -> None:
     lost = before - journaled
     assert lost <= pending + journal_rows + 4, (before, journaled)
     assert second_run == n - journaled, "every journaled row was kept, every lost one fetched again"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_parse_size() -> None:
