@@ -82,11 +82,11 @@ def report(out: Path, root: Path, run_dir: Path, submission: Path, timings: dict
                             for c in dropped.column("reason").value_counts().to_pylist())
         print(f"  cleaned: {dropped.num_rows} rows left out ({reasons or 'none'})")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    epochs = [m for m in metrics if "val_top1" in m]
+    epochs = [m for m in metrics if "top3" in m]
     if epochs:
-        first, best = epochs[0], min(epochs, key=lambda m: m.get("val_top3_err", 1 - m["val_top3"]))
-        print(f"  trained: {len(epochs)} epochs; val top-1 {first['val_top1']:.1%} → {best['val_top1']:.1%}, "
-              f"top-3 {first['val_top3']:.1%} → {best['val_top3']:.1%} (best epoch {best.get('epoch')})")
+        first, best = epochs[0], min(epochs, key=lambda m: m["top3_err"])
+        print(f"  trained: {len(epochs)} epochs; val top-1 {first['top1']:.1%} → {best['top1']:.1%}, "
+              f"top-3 {first['top3']:.1%} → {best['top3']:.1%} (best epoch {best['epoch']})")
     rows = submission.read_text().splitlines()
     print(f"  predicted: {len(rows) - 1} test ids in {submission}")
     print("\n  where everything is:")
