@@ -432,10 +432,19 @@ def build_loader(data_dir: str | Path, split: str, *, transform: Callable[[Image
 def gpu_decode_batch(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """Batched nvjpeg decode of JPEG bytes to uint8 CHW tensors on `device`; non-JPEG or
     corrupt bytes fall back to a CPU decode, and None marks bytes nothing could decode."""
+    with warnings.catch_warnings():
+        # torchvision 0.29 marks its decoders deprecated (TorchCodec supersedes them); they
+        # are still what ships with the pinned torchvision, so keep the log clean.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _decode_batch(data, device)
+
+
+def _decode_batch(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     from torchvision.io import ImageReadMode, decode_image as tv_decode_image, decode_jpeg
 
     out: list[torch.Tensor | None] = [None] * len(data)
-    jpeg_at = [i for i, d in enumerate(data) if d.numel() > 2 and d[0] == 0xFF and d[1] == 0xD8]
+    jpeg_at = [i for i, d in enumerate(data) if d.numel() > 2 and d[:2].tolist() == [0xFF, 0xD8]]
+    jpeg_set = set(jpeg_at)
     if jpeg_at:
         try:
             decoded = decode_jpeg([data[i] for i in jpeg_at], mode=ImageReadMode.RGB,
@@ -443,10 +452,16 @@ def gpu_decode_batch(data: Sequence[torch.Tensor], device: torch.device) -> list
             for i, img in zip(jpeg_at, decoded):
                 out[i] = img
         except RuntimeError:
-            pass  # one bad JPEG fails the batch call; decode those one by one below
+            pass  # one bad JPEG fails the whole batched call; decode one by one below
     for i, d in enumerate(data):
         if out[i] is not None or d.numel() == 0:
             continue
+        if i in jpeg_set:
+            try:
+                out[i] = decode_jpeg(d, mode=ImageReadMode.RGB, device=device)
+                continue
+            except RuntimeError:
+                pass
         try:
             out[i] = tv_decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True)
         except RuntimeError:

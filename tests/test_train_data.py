@@ -159,3 +159,29 @@ def test_draft_decoding_scales_jpeg_down_but_not_below_the_target() -> None:
     png = io.BytesIO()
     img.save(png, format="PNG")
     assert decode_image(png.getvalue(), 40).size == (512, 384)  # draft is JPEG-only
+
+
+def test_raw_bytes_batches_decode_in_batch_and_augment_as_tensors(data: Path) -> None:
+    """The --gpu-decode path, exercised on the CPU: workers ship bytes, the batch is decoded
+    together (non-JPEG and corrupt bytes handled) and augmented as uint8 tensors."""
+    from imattrain.data import gpu_decode_batch
+    from imattrain.transforms import build_gpu_train_transform
+
+    loader = build_loader(data, "train", transform=None, batch_size=8, workers=0, train=True,
+                          raw_bytes=True)
+    batch = next(iter(loader))
+    assert batch["image"] is None and len(batch["data"]) == 8
+    assert all(t.dtype == torch.uint8 and t.ndim == 1 for t in batch["data"])
+    png = io.BytesIO()
+    Image.new("RGB", (30, 20), (0, 200, 0)).save(png, format="PNG")
+    extra = [torch.frombuffer(bytearray(png.getvalue()), dtype=torch.uint8),
+             torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0broken"), dtype=torch.uint8)]
+    decoded = gpu_decode_batch(list(batch["data"]) + extra, torch.device("cpu"))
+    assert decoded[-1] is None  # corrupt: dropped and counted by the engine
+    assert decoded[-2].shape == (3, 20, 30)  # PNG: decoded by the fallback
+    corrupt_in_batch = sum(d is None for d in decoded[:-2])
+    assert all(d.shape[0] == 3 for d in decoded[:-2] if d is not None)
+    transform = build_gpu_train_transform(TrainConfig(image_size=24))
+    out = torch.stack([transform(d) for d in decoded if d is not None])
+    assert out.shape == (9 - corrupt_in_batch, 3, 24, 24) and out.dtype == torch.float32
+    assert -3 < float(out.mean()) < 3
