@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,20 @@ def test_resume_after_interruption_equals_uninterrupted_run(data: Path, tmp_path
     code, text = run(*common[:-6], "--batch-size", "16", "--workers", "2", "--val-split", "",
                      "--out", str(parts), "--resume", "--epochs", "3")
     assert code == 2 and "batch-size" in text
+
+
+def test_accumulation_bf16_clipping_channels_last(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "acc"
+    code, text = run("--data", str(data), "--out", str(out), "--model", "mobilenet_v3_small",
+                     "--image-size", "24", "--epochs", "1", "--batch-size", "8", "--grad-accum",
+                     "5", "--amp", "bf16", "--clip-grad", "1.0", "--channels-last", "--workers",
+                     "0", "--schedule", "onecycle", "--lr", "0.01", "--val-split", "")
+    assert code == 0, text
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 3  # 12 batches in steps of 5, 5 and the last 2
+    (record,) = metrics(out)
+    assert record["train_images"] == 94 and math.isfinite(record["train_loss"])
+    assert "top1" not in record  # no validation split asked for
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data: Path, tmp_path: Path) -> None:
