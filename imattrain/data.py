@@ -397,7 +397,8 @@ def build_loader(data_dir: str | Path, split: str, *, transform: Callable[[Image
                  include_missing: bool = False, start_sample: int = 0,
                  index: SplitIndex | None = None, raw_bytes: bool = False, prefetch: int = 2,
                  shuffle_buffer: int = 2048, pin_memory: bool | None = None,
-                 multiprocessing_context: str | None = None) -> DataLoader:
+                 multiprocessing_context: str | None = None,
+                 persistent_workers: bool | None = None) -> DataLoader:
     """A DataLoader of dict batches over one split (see the module doc for the order).
 
     Batches: {"image": FloatTensor[B,3,H,W] (or [B,ncrops,3,H,W]), "label": LongTensor[B]
@@ -420,7 +421,10 @@ def build_loader(data_dir: str | Path, split: str, *, transform: Callable[[Image
         pin_memory = torch.cuda.is_available()
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs.update(prefetch_factor=prefetch, persistent_workers=train,
+        # Persistent by default for training (one loader, many epochs); a loader that is
+        # iterated once (predict) should not keep processes alive.
+        persistent = train if persistent_workers is None else persistent_workers
+        kwargs.update(prefetch_factor=prefetch, persistent_workers=persistent,
                       multiprocessing_context=multiprocessing_context)
     # A private generator: iterating must not draw from the global RNG, or a resumed run's
     # randomness (dropout, GPU augmentation) would drift from the uninterrupted run's.

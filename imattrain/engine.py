@@ -346,7 +346,7 @@ class _Trainer:
                 transform=build_eval_transform(cfg.image_size, cfg.resolved_eval_resize),
                 batch_size=cfg.batch_size, workers=cfg.workers, train=False,
                 rank=self.world.rank, world_size=self.world.world_size, index=self.val_index,
-                prefetch=cfg.prefetch)
+                prefetch=cfg.prefetch, persistent_workers=True)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
