@@ -699,6 +699,9 @@ class _Progress:
                             MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                             TimeElapsedColumn(), TimeRemainingColumn(),
                             console=RichConsole(stderr=True), transient=True)
+        if not self.bar.console.is_terminal:
+            self.bar = None  # logs and pipes get the one-line epoch summaries only
+            return
         self.task = self.bar.add_task("train", total=total, completed=done, loss="…")
         self.bar.start()
 
