@@ -20,7 +20,7 @@ def _commands() -> list[tuple[str, list[str]]]:
         joined = re.sub(r"\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = line.split(" #")[0].strip().lstrip("$ ").strip()
-            if not line:
+            if not line.startswith(("imatdata", "imattrain", "torchrun")):
                 continue
             argv = shlex.split(line)
             # `torchrun ... -m imattrain run ...` counts as imattrain
