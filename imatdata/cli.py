@@ -7,13 +7,13 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import typer
 
-from imatdata.errors import UserError
+from imatdata.errors import user_errors as _user_errors
 
 app = typer.Typer(
     name="imatdata",
@@ -31,17 +31,8 @@ def _group() -> None:
     pass
 
 
-@contextmanager
-def user_errors(prog: str = "imatdata") -> Iterator[None]:
-    """One line on stderr and exit 2 for errors the user can fix; 130 on Ctrl-C."""
-    try:
-        yield
-    except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
-        raise typer.Exit(130) from None
+def user_errors() -> AbstractContextManager[None]:
+    return _user_errors("imatdata", "rerun the same command to resume")
 
 
 def run_command(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -1,22 +1,23 @@
 """`imattrain`: the thin command-line layer over the trainer.
 
 Parses flags, calls the library, and is the only place that maps errors to exit codes: a
-UserError becomes one line on stderr and exit code 2, never a traceback. (imattrain keeps its
-own small `user_errors` rather than importing imatdata's CLI.)
+UserError becomes one line on stderr and exit code 2, never a traceback (through
+`imatdata.errors.user_errors`, shared with imatdata's CLI).
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from imatdata.errors import UserError
+from imatdata.errors import user_errors as _user_errors
 from imattrain.config import (
     build_config,
     config_fields,
@@ -40,17 +41,8 @@ def _group() -> None:
     """Train, evaluate and predict image classifiers from imatdata's clean Parquet shards."""
 
 
-@contextmanager
-def user_errors(prog: str = "imattrain") -> Iterator[None]:
-    """One line on stderr and exit 2 for errors the user can fix; 130 on Ctrl-C."""
-    try:
-        yield
-    except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun with --resume to continue", file=sys.stderr)
-        raise typer.Exit(130) from None
+def user_errors() -> AbstractContextManager[None]:
+    return _user_errors("imattrain", "rerun with --resume to continue")
 
 
 def run_command(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
