@@ -104,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo"), help="where the demo writes (default ./demo)")
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -132,7 +133,7 @@ def main() -> None:
                                                               / "imatdata" / "data" / "product_tree.json")], env)
     timings["train"] = step(
         "train: a small CNN on CPU",
-        [imattrain, "run", "--model", "resnet18", "--image-size", "64", "--epochs", str(args.epochs),
+        [imattrain, "run", "--model", "resnet18", "--image-size", str(args.image_size), "--epochs", str(args.epochs),
          "--batch-size", "32", "--lr", "0.05", "--schedule", "cosine", "--augment", "basic",
          "--device", "cpu", "--workers", "1", "--seed", str(args.seed), "--out", str(run_dir)], env)
     timings["predict"] = step(
