@@ -395,6 +395,7 @@ class _Trainer:
             "image_size": self.cfg.image_size,
             "class_counts": self.class_counts.tolist(),
             "best_top3_err": self.best,
+            "best_val_loss": self.best_loss,
             "metrics": self.last_val,
             "rng": rng_state(),
         }
@@ -430,6 +431,7 @@ class _Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.best = ckpt.get("best_top3_err")
+        self.best_loss = ckpt.get("best_val_loss", float("inf"))
         self.last_val = ckpt.get("metrics")
         set_rng_state(ckpt.get("rng"))
         stats = EpochStats(**ds.get("epoch_stats", {}))
@@ -483,7 +485,7 @@ class _Trainer:
         if cfg.resume and out is None:
             raise UserError("--resume needs --out RUN_DIR (the run to continue)")
         self.paths = RunPaths(out or _default_out(cfg, self.world))
-        self.step, self.best, self.last_val = 0, None, None
+        self.step, self.best, self.best_loss, self.last_val = 0, None, float("inf"), None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.history: list[dict[str, Any]] = []
         start_epoch, start_samples, stats = 0, 0, EpochStats()
@@ -660,9 +662,10 @@ class _Trainer:
                               ema_top5=e["top5"], ema_top3_err=e["top3_err"])
                 chosen = e  # best.pt and predict use the EMA weights when there are some
             self.last_val = {k: chosen[k] for k in ("top1", "top3", "top5", "top3_err", "loss")}
-            improved = self.best is None or chosen["top3_err"] < self.best
-            if improved:
-                self.best = chosen["top3_err"]
+            # Ties in top-3 error are common on a small val split: the lower val loss wins.
+            key = (chosen["top3_err"], chosen["loss"])
+            if self.best is None or key < (self.best, self.best_loss):
+                self.best, self.best_loss = key
                 self._save(self.paths.best, epoch + 1, 0, EpochStats())
         self._append_metrics(record)
         self._save(self.paths.last, epoch + 1, 0, EpochStats())
