@@ -6,7 +6,11 @@ Throughput (default): N URLs of realistic photos (600-900 px JPEGs, 60-200 KB, f
   * the machine's ceiling: cores x the single-core rate of the image work alone
     (decode + resize + encode + sha256, no network), measured here first;
   * `imatdata fetch` (the real CLI, in a subprocess);
-  * a naive thread-pool downloader, the usual Kaggle script: urllib + PIL + save to files.
+  * a naive thread-pool downloader, the usual Kaggle script: urllib + PIL + save to files;
+  * img2dataset, when given (`--img2dataset PATH` to its executable, or found on PATH): one
+    process per core, parquet output, the same resize (keep ratio, longer side <= 512, only
+    if bigger), JPEG q90 and sha256. Install it in a venv of its own, e.g.
+    `python -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset`.
 
 For each: wall time, images/s, CPU ms per image (the process tree's user+system time),
 and the server's own CPU time, since it runs on the same cores in a separate process.
@@ -15,7 +19,7 @@ Memory (--memory N): N tiny images (`sample.big_catalogue`), and the peak reside
 of the whole `imatdata fetch` process tree (main + image workers), sampled from /proc,
 with the RSS at each quarter of the run so a trend is visible.
 
-    .venv/bin/python bench/fetch.py [--n 10000] [--threads 32] [--no-naive]
+    .venv/bin/python bench/fetch.py [--n 10000] [--threads 32] [--no-naive] [--img2dataset PATH]
     .venv/bin/python bench/fetch.py --memory 200000
 """
 
@@ -37,7 +41,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from imatdata.images import process_image
+from imatdata.images import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS, process_image
 from imatdata.sample import Catalogue, TinyRange, big_catalogue, photo_corpus, write_lists
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,14 +113,14 @@ def children_cpu_s() -> float:
 # --- the ceiling ------------------------------------------------------------------------------
 
 
-def single_core_rate(bodies: list[bytes], seconds: float, max_side: int) -> tuple[float, float]:
+def single_core_rate(bodies: list[bytes], seconds: float, max_side: int, resize_filter: str) -> tuple[float, float]:
     """(images/s by the wall clock, images/s by this process's CPU time) on one core.
 
     On a busy machine the wall-clock rate understates the core; the CPU-time rate does not.
     """
     done, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
-        process_image(bodies[done % len(bodies)], max_side)
+        process_image(bodies[done % len(bodies)], max_side, resize_filter=resize_filter)
         done += 1
     return done / (time.perf_counter() - start), done / (time.process_time() - cpu)
 
@@ -124,7 +128,7 @@ def single_core_rate(bodies: list[bytes], seconds: float, max_side: int) -> tupl
 # --- the naive downloader ---------------------------------------------------------------------
 
 
-def naive_download(list_path: Path, out_dir: Path, threads: int, max_side: int) -> int:
+def naive_download(list_path: Path, out_dir: Path, threads: int, max_side: int, resize_filter: str) -> int:
     """What most competition download scripts do: a thread pool, urllib, PIL, one file each."""
     from PIL import Image
 
@@ -135,7 +139,7 @@ def naive_download(list_path: Path, out_dir: Path, threads: int, max_side: int) 
         try:
             data = urllib.request.urlopen(rec["url"], timeout=30).read()
             img = Image.open(io.BytesIO(data)).convert("RGB")
-            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+            img.thumbnail((max_side, max_side), RESIZE_FILTERS[resize_filter])
             img.save(out_dir / f"{rec['id']}", format="JPEG", quality=90)
             return True
         except Exception:
@@ -217,12 +221,37 @@ def run_imat(list_path: Path, root: Path, extra: list[str], sample_rss: bool = F
             "rss": sampler.samples if sampler else []}
 
 
-def run_naive(list_path: Path, out: Path, threads: int, max_side: int) -> dict:
+def run_naive(list_path: Path, out: Path, threads: int, max_side: int, resize_filter: str) -> dict:
     cpu0 = children_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--naive-worker", str(list_path), str(out), str(threads),
-                           str(max_side)], capture_output=True, text=True, check=True)
+                           str(max_side), resize_filter], capture_output=True, text=True, check=True)
     return {"wall": time.perf_counter() - t0, "cpu": children_cpu_s() - cpu0, "ok": int(proc.stdout.strip())}
+
+
+def run_img2dataset(exe: str, list_path: Path, out: Path, processes: int, threads: int, max_side: int) -> dict:
+    """img2dataset on the same URLs, with the same resize, quality and hash as imatdata fetch."""
+    records = json.loads(list_path.read_text())["images"]
+    table_path = list_path.with_name("img2dataset-input.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"url": [r["url"] for r in records], "id": [str(r["id"]) for r in records]}), table_path)
+    cmd = [exe, "--url_list", str(table_path), "--input_format", "parquet", "--url_col", "url",
+           "--save_additional_columns", "['id']", "--output_format", "parquet", "--output_folder", str(out),
+           "--image_size", str(max_side), "--resize_mode", "keep_ratio", "--resize_only_if_bigger", "True",
+           "--encode_quality", "90", "--encode_format", "jpg", "--compute_hash", "sha256",
+           "--processes_count", str(processes), "--thread_count", str(threads), "--timeout", "30",
+           "--number_sample_per_shard", "10000", "--enable_wandb", "False"]
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    cpu0 = children_cpu_s()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"img2dataset failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    ok = sum(json.loads(p.read_text()).get("successes", 0) for p in out.glob("*_stats.json"))
+    return {"wall": wall, "cpu": children_cpu_s() - cpu0, "ok": ok}
 
 
 def throughput(args: argparse.Namespace) -> None:
@@ -233,10 +262,10 @@ def throughput(args: argparse.Namespace) -> None:
         sizes = sorted(len(b) for b in bodies)
         print(f"corpus: {args.n} URLs over 48 distinct photos, {sizes[0] // 1000}-{sizes[-1] // 1000} KB, "
               f"median {sizes[len(sizes) // 2] // 1000} KB; {cores} cores")
-        wall_rate, cpu_rate = single_core_rate(bodies, args.ceiling_seconds, args.max_side)
+        wall_rate, cpu_rate = single_core_rate(bodies, args.ceiling_seconds, args.max_side, args.resize_filter)
         ceiling = cores * cpu_rate
         work_ms = 1000 / cpu_rate
-        print(f"image work alone (decode + resize + encode + sha256): {work_ms:.1f} ms of CPU per image, "
+        print(f"image work alone (decode + {args.resize_filter} resize + encode + sha256): {work_ms:.1f} ms of CPU per image, "
               f"{cpu_rate:.1f} images/s per core ({wall_rate:.1f} by the wall clock on this busy machine) "
               f"-> ceiling {ceiling:.1f} images/s on {cores} cores")
         server = Server("photos", args.n)
@@ -244,25 +273,36 @@ def throughput(args: argparse.Namespace) -> None:
             lists = write_lists(_ListCatalogue(args.n), server, work / "lists")
             rows = []
             s0 = server.cpu_s()
-            imat = run_imat(lists["train"], work / "m", ["--max-side", str(args.max_side)])
+            imat = run_imat(lists["train"], work / "m", ["--max-side", str(args.max_side),
+                                                         "--resize-filter", args.resize_filter])
             imat["server_cpu"] = server.cpu_s() - s0
             rows.append(("imatdata fetch", imat))
             if not args.no_naive:
                 s0 = server.cpu_s()
-                naive = run_naive(lists["train"], work / "naive", args.threads, args.max_side)
+                naive = run_naive(lists["train"], work / "naive", args.threads, args.max_side, args.resize_filter)
                 naive["server_cpu"] = server.cpu_s() - s0
                 rows.append((f"naive ThreadPool({args.threads}) urllib+PIL", naive))
+            i2d = args.img2dataset or shutil.which("img2dataset")
+            if i2d:
+                s0 = server.cpu_s()
+                other = run_img2dataset(i2d, lists["train"], work / "i2d", cores, args.threads, args.max_side)
+                other["server_cpu"] = server.cpu_s() - s0
+                rows.append((f"img2dataset ({cores} proc x {args.threads} threads)", other))
+            else:
+                print("img2dataset: not found (pass --img2dataset PATH); not compared")
         finally:
             server.close()
         print()
-        print(f"{'downloader':38} {'ok':>6} {'wall s':>7} {'img/s':>7} {'% ceil':>7} {'CPU ms/img':>10} "
-              f"{'CPU-bound % ceil':>16} {'server CPU ms/img':>17}")
+        print(f"{'downloader':38} {'ok':>6} {'wall s':>7} {'img/s':>7} {'imat x':>6} {'% ceil':>7} "
+              f"{'CPU ms/img':>10} {'CPU-bound % ceil':>16} {'server CPU ms/img':>17}")
+        imat_rate = imat["ok"] / imat["wall"]
         for name, r in rows:
             rate = r["ok"] / r["wall"]
             cpu_ms = 1000 * r["cpu"] / max(1, r["ok"])
             # On an otherwise idle machine a CPU-bound downloader runs at cores / (CPU per image).
-            print(f"{name:38} {r['ok']:6d} {r['wall']:7.1f} {rate:7.1f} {100 * rate / ceiling:6.1f}% "
-                  f"{cpu_ms:10.1f} {100 * work_ms / cpu_ms:15.1f}% {1000 * r['server_cpu'] / max(1, r['ok']):17.1f}")
+            print(f"{name:38} {r['ok']:6d} {r['wall']:7.1f} {rate:7.1f} {imat_rate / max(rate, 1e-9):5.2f}x "
+                  f"{100 * rate / ceiling:6.1f}% {cpu_ms:10.1f} {100 * work_ms / cpu_ms:15.1f}% "
+                  f"{1000 * r['server_cpu'] / max(1, r['ok']):17.1f}")
         rate = imat["ok"] / imat["fetch_s"]
         print(f"imatdata fetch, its fetch phase only (validation to final shards, from fetch_summary.json; "
               f"the wall time above adds start-up and the stats files): {imat['fetch_s']:.1f}s, {rate:.1f} img/s, "
@@ -312,14 +352,17 @@ def memory(args: argparse.Namespace) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--naive-worker":
-        list_path, out, threads, max_side = sys.argv[2:6]
-        print(naive_download(Path(list_path), Path(out), int(threads), int(max_side)))
+        list_path, out, threads, max_side, resize_filter = sys.argv[2:7]
+        print(naive_download(Path(list_path), Path(out), int(threads), int(max_side), resize_filter))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000, help="photo URLs for the throughput run")
     parser.add_argument("--max-side", type=int, default=512)
+    parser.add_argument("--resize-filter", default=DEFAULT_RESIZE_FILTER, choices=list(RESIZE_FILTERS),
+                        help="for the ceiling, imatdata fetch and the naive downloader alike")
     parser.add_argument("--threads", type=int, default=32, help="threads of the naive downloader")
     parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--img2dataset", help="img2dataset executable (default: the one on PATH, if any)")
     parser.add_argument("--ceiling-seconds", type=float, default=8.0)
     parser.add_argument("--memory", type=int, default=0, help="run the memory part with this many tiny images")
     args = parser.parse_args()

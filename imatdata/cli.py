@@ -55,6 +55,8 @@ def fetch(
                                   "(connect to last byte, redirects included)."),
     max_bytes: str = typer.Option("20MiB", "--max-bytes", help="Largest body accepted, decoded (e.g. 20MiB, 512KB)."),
     max_side: int = typer.Option(512, "--max-side", help="Shrink the longer side to this many pixels (0: keep size)."),
+    resize_filter: str = typer.Option("area", "--resize-filter", help="Downscaling filter: area, bilinear, "
+                                      "bicubic or lanczos (all antialiased; sharper and slower in that order)."),
     limit: int = typer.Option(None, "--limit", help="Take only the first N records of each source."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-attempt rows whose failure was transient "
                                       "(timeout, connection_error, HTTP 5xx/408/429)."),
@@ -84,7 +86,7 @@ def fetch(
                         allow_nets=tuple(allow_net or ()), insecure=insecure, ignore_optout=ignore_optout,
                         user_agent=user_agent or DEFAULT_USER_AGENT)
         opts = fetch_mod.FetchOptions(sources=sources, root=root, split=split, net=net, max_side=max_side,
-                                      limit=limit, retry_failed=retry_failed, skip_invalid=skip_invalid,
+                                      resize_filter=resize_filter, limit=limit, retry_failed=retry_failed, skip_invalid=skip_invalid,
                                       quiet=quiet, workers=workers)
         summary = fetch_mod.run_fetch(opts)
         if not quiet:

@@ -407,7 +407,8 @@ class Fetcher:
         """One attempt: every hop of it within one deadline, outcomes instead of exceptions."""
         hops = _Hops(url)
         try:
-            return await asyncio.wait_for(self._follow(hops), self.cfg.timeout)
+            async with asyncio.timeout(self.cfg.timeout):  # no extra task, unlike wait_for
+                return await self._follow(hops)
         except asyncio.TimeoutError:
             return _Attempt(Download("timeout", None, hops.http_status, 0,
                                      f"no complete response within {self.cfg.timeout:g}s", hops.current),
@@ -476,19 +477,23 @@ class Fetcher:
                                          f"X-Robots-Tag: {directive} (--ignore-optout fetches it anyway)", url))
         limit = self.cfg.max_bytes
         encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding in ("", "identity") and resp.content_length is not None and resp.content_length > limit:
-            return _Attempt(Download("too_large", None, status, 0,
-                                     f"Content-Length {resp.content_length} exceeds --max-bytes {limit}", url))
-        body = bytearray()
-        # Counted after Content-Encoding is undone, so a gzip bomb stops at the limit too.
-        async for chunk in resp.content.iter_chunked(_READ_CHUNK):
-            body += chunk
-            if len(body) > limit:
-                resp.close()  # drop the connection rather than drain the rest
+        if encoding in ("", "identity") and resp.content_length is not None:
+            if resp.content_length > limit:
                 return _Attempt(Download("too_large", None, status, 0,
-                                         f"body exceeds --max-bytes {limit}", url))
+                                         f"Content-Length {resp.content_length} exceeds --max-bytes {limit}", url))
+            body = await resp.read()  # the parser stops at Content-Length: one read, no chunk loop
+        else:
+            buffer = bytearray()
+            # Counted after Content-Encoding is undone, so a gzip bomb stops at the limit too.
+            async for chunk in resp.content.iter_chunked(_READ_CHUNK):
+                buffer += chunk
+                if len(buffer) > limit:
+                    resp.close()  # drop the connection rather than drain the rest
+                    return _Attempt(Download("too_large", None, status, 0,
+                                             f"body exceeds --max-bytes {limit}", url))
+            body = bytes(buffer)
         self.stats.bytes_in += len(body)
-        return _Attempt(Download("ok", bytes(body), status, 0, None, url))
+        return _Attempt(Download("ok", body, status, 0, None, url))
 
 
 def _parsable(url: str) -> bool:

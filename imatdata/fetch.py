@@ -66,6 +66,7 @@ class FetchOptions:
     quiet: bool = False
     workers: int | None = None
     max_pixels: int = imagework.DEFAULT_MAX_PIXELS
+    resize_filter: str = imagework.DEFAULT_RESIZE_FILTER
     journal_rows: int = 512
     journal_seconds: float = 1.0
     shard_rows: int = 50_000
@@ -79,6 +80,9 @@ class FetchOptions:
     def __post_init__(self) -> None:
         if self.max_side < 0:
             raise UserError("--max-side must be 0 (no limit) or a positive number of pixels")
+        if self.resize_filter not in imagework.RESIZE_FILTERS:
+            raise UserError(f"--resize-filter {self.resize_filter!r}: use one of "
+                            + ", ".join(imagework.RESIZE_FILTERS))
         if self.workers is not None and self.workers < 1:
             raise UserError("--workers must be at least 1")
 
@@ -310,10 +314,12 @@ class ImagePool:
     is recorded as decode_error.
     """
 
-    def __init__(self, workers: int, max_side: int, max_pixels: int, batch: int = 8) -> None:
+    def __init__(self, workers: int, max_side: int, max_pixels: int,
+                 resize_filter: str = imagework.DEFAULT_RESIZE_FILTER, batch: int = 8) -> None:
         self.workers = workers
         self.max_side = max_side
         self.max_pixels = max_pixels
+        self.resize_filter = resize_filter
         self.batch = batch
         self._queue: deque[tuple[bytes, asyncio.Future[imagework.ImageResult], int]] = deque()
         self._in_flight = 0
@@ -343,7 +349,7 @@ class ImagePool:
             if not items:
                 continue
             future = self._pool.submit(imagework.process_images, [it[0] for it in items],
-                                       self.max_side, self.max_pixels)
+                                       self.max_side, self.max_pixels, self.resize_filter)
             self._in_flight += 1
             generation = self._generation
             asyncio.wrap_future(future).add_done_callback(
@@ -523,7 +529,7 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
 async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan: ScanResult,
                      done: dict[str, np.ndarray], journal: Journal, counters: Counters, total: int) -> dict[str, int]:
     workers = opts.workers or default_workers()
-    pool = ImagePool(workers, opts.max_side, opts.max_pixels, opts.image_batch)
+    pool = ImagePool(workers, opts.max_side, opts.max_pixels, opts.resize_filter, batch=opts.image_batch)
     pool.warm_up()
     pending = asyncio.Semaphore(opts.pending or max(2 * opts.net.concurrency, 64))
     tasks: set[asyncio.Task[None]] = set()

@@ -156,13 +156,23 @@ def commit_file(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+def parquet_options(schema: pa.Schema, compression: str = "zstd") -> dict[str, Any]:
+    """Writer options for `schema`: binary columns (the image bytes, already JPEG) are stored
+    plain, without compression, dictionary or min/max statistics: none of them can shrink
+    entropy-coded data, and skipping them halves the cost of writing a shard and makes
+    reading the image column several times faster. Every other column gets `compression`."""
+    small = [f.name for f in schema if not pa.types.is_binary(f.type) and not pa.types.is_large_binary(f.type)]
+    return {"compression": {f.name: compression if f.name in small else "none" for f in schema},
+            "use_dictionary": small, "write_statistics": small}
+
+
 def write_table_atomic(table: pa.Table, final: Path, *, compression: str = "zstd",
                        row_group_rows: int | None = None) -> None:
     """Write one whole Parquet file under a temporary name and rename it when complete."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(final)
     try:
-        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_rows)
+        pq.write_table(table, tmp, row_group_size=row_group_rows, **parquet_options(table.schema, compression))
         commit_file(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -297,7 +307,7 @@ class ShardWriter:
         if self._writer is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._tmp = temp_path_for(self.folder / shard_name(self._index))
-            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=self.compression)
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, **parquet_options(self.schema, self.compression))
         self._writer.write_table(table, row_group_size=table.num_rows)
         self._shard_rows_written += table.num_rows
         self.rows_written += table.num_rows

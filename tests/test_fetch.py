@@ -236,6 +236,17 @@ def test_bad_input_exit_2_one_line_nothing_written(tmp_path: Path, name: str, co
     assert not root.exists()
 
 
+def test_unknown_resize_filter_exit_2_one_line_nothing_written(tmp_path: Path) -> None:
+    src = tmp_path / "train.json"
+    src.write_text('{"images": [{"id": "a", "url": "http://e.com/a", "class": 1}]}')
+    root = tmp_path / "m"
+    code, _, err = cli(str(src), "--root", str(root), "--quiet", "--resize-filter", "nearest")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "--resize-filter 'nearest'" in lines[0] and "area, bilinear, bicubic, lanczos" in lines[0]
+    assert not root.exists()
+
+
 def test_bad_input_through_the_installed_entry_point(tmp_path: Path) -> None:
     src = tmp_path / "test.json"
     src.write_text('{"images": [{"id": "a", "url": "http://e.com/a"}, {"id": "b", "url": "ftp://e.com/b"}]}')

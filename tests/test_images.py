@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imatdata.images import process_image, sniff, target_size, to_rgb, worker_init
+from imatdata.images import RESIZE_FILTERS, process_image, sniff, target_size, to_rgb, worker_init
 from imatdata.sample import encode, jpeg_bomb, png_bomb, render_product
 
 
@@ -63,6 +63,19 @@ def test_large_jpeg_downscaled_with_draft() -> None:
     # The picture survives the resize: compare with a plain full-resolution downscale.
     ref = np.asarray(decode(body).resize((512, 384), Image.Resampling.LANCZOS), dtype=np.float32)
     assert np.abs(np.asarray(out, dtype=np.float32) - ref).mean() < 6
+
+
+def test_every_resize_filter_gives_the_same_picture_and_the_filter_is_applied() -> None:
+    body = encode(rgb((900, 640), seed=3), "jpeg", quality=92)  # 1.76x down: no draft, all resize
+    ref = np.asarray(decode(body).resize((512, 364), Image.Resampling.LANCZOS), dtype=np.float32)
+    stored = {}
+    for name in RESIZE_FILTERS:
+        res = process_image(body, max_side=512, resize_filter=name)
+        assert res.status == "ok" and (res.width, res.height) == (512, 364), name
+        out = np.asarray(decode(res.image), dtype=np.float32)
+        assert np.abs(out - ref).mean() < 4, name  # antialiased: close to a lanczos downscale
+        stored[name] = res.image
+    assert len(set(stored.values())) == len(RESIZE_FILTERS)  # each filter really ran
 
 
 def test_max_side_zero_keeps_size_but_still_converts() -> None:
