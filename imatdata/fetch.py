@@ -18,13 +18,11 @@ state is one 8-byte key in sorted numpy arrays.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -37,6 +35,7 @@ import pyarrow.parquet as pq
 
 from imatdata import images as imagework
 from imatdata.download import Download, Fetcher, NetConfig
+from imatdata.imagepool import ImagePool
 from imatdata.errors import UserError
 from imatdata.manifest import (RAW_SCHEMA, STATUSES, list_shards, remove_stale_temps, resolve_root,
                                split_dir, write_bytes_atomic, write_split, write_table_atomic)
@@ -298,103 +297,6 @@ def image_row(split: str, rec: Record, key: int, d: Download, res: imagework.Ima
     return row
 
 
-# --- the image pool -------------------------------------------------------------------------------
-
-
-class ImagePool:
-    """Process pool for the image work (spawn: no fork of a process running an event loop).
-
-    Bodies queue up here and go to the workers in small batches: a round trip through
-    ProcessPoolExecutor costs about half a millisecond of the event loop's CPU, as much as a
-    tenth of the image work itself, so when several bodies wait they travel together. At
-    most two batches per worker are in flight, so the workers never idle while bodies wait.
-
-    A decoder that crashes its worker (a hostile file can) breaks the whole pool; the pool
-    is rebuilt and that batch's bodies are retried one by one, a body that crashes it again
-    is recorded as decode_error.
-    """
-
-    def __init__(self, workers: int, max_side: int, max_pixels: int,
-                 resize_filter: str = imagework.DEFAULT_RESIZE_FILTER, batch: int = 8) -> None:
-        self.workers = workers
-        self.max_side = max_side
-        self.max_pixels = max_pixels
-        self.resize_filter = resize_filter
-        self.batch = batch
-        self._queue: deque[tuple[bytes, asyncio.Future[imagework.ImageResult], int]] = deque()
-        self._in_flight = 0
-        self._generation = 0
-        self._pool = self._make()
-
-    def _make(self) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=imagework.worker_init,
-            initargs=(os.getpid(),))
-
-    async def process(self, body: bytes) -> imagework.ImageResult:
-        fut: asyncio.Future[imagework.ImageResult] = asyncio.get_running_loop().create_future()
-        self._queue.append((body, fut, 0))
-        self._pump()
-        return await fut
-
-    def _pump(self) -> None:
-        slots = 2 * self.workers
-        while self._queue and self._in_flight < slots:
-            # Spread what waits over the free slots; batch only when there is a backlog.
-            size = max(1, min(self.batch, -(-len(self._queue) // (slots - self._in_flight))))
-            if self._queue[0][2]:
-                size = 1  # a retry after a crash travels alone
-            items = [self._queue.popleft() for _ in range(min(size, len(self._queue)))]
-            items = [it for it in items if not it[1].done()]  # their rows were cancelled
-            if not items:
-                continue
-            future = self._pool.submit(imagework.process_images, [it[0] for it in items],
-                                       self.max_side, self.max_pixels, self.resize_filter)
-            self._in_flight += 1
-            generation = self._generation
-            asyncio.wrap_future(future).add_done_callback(
-                lambda f, items=items, generation=generation: self._finished(f, items, generation))
-
-    def _finished(self, f: asyncio.Future[list[imagework.ImageResult]],
-                  items: list[tuple[bytes, asyncio.Future[imagework.ImageResult], int]], generation: int) -> None:
-        self._in_flight -= 1
-        if f.cancelled():
-            for _, fut, _ in items:
-                if not fut.done():
-                    fut.cancel()
-        elif isinstance(f.exception(), concurrent.futures.process.BrokenProcessPool):
-            if generation == self._generation:
-                self._generation += 1
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = self._make()
-            for body, fut, tries in items:
-                if fut.done():
-                    continue
-                if tries >= 1:
-                    fut.set_result(imagework.ImageResult("decode_error", "the decoder crashed on this file",
-                                                         orig_bytes=len(body)))
-                else:
-                    # Alone this time, so that a crash names the file that caused it.
-                    self._queue.appendleft((body, fut, tries + 1))
-        elif f.exception() is not None:
-            for _, fut, _ in items:
-                if not fut.done():
-                    fut.set_exception(f.exception())
-        else:
-            for (_, fut, _), result in zip(items, f.result()):
-                if not fut.done():
-                    fut.set_result(result)
-        self._pump()
-
-    def warm_up(self) -> None:
-        # Start the workers now, while input is read, not when the first body arrives.
-        for _ in range(self.workers):
-            self._pool.submit(imagework.ready)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 # --- progress ---------------------------------------------------------------------------------
 
 
@@ -530,7 +432,7 @@ async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan
                      done: dict[str, np.ndarray], journal: Journal, counters: Counters, total: int) -> dict[str, int]:
     workers = opts.workers or default_workers()
     pool = ImagePool(workers, opts.max_side, opts.max_pixels, opts.resize_filter, batch=opts.image_batch)
-    pool.warm_up()
+    await pool.start()
     pending = asyncio.Semaphore(opts.pending or max(2 * opts.net.concurrency, 64))
     tasks: set[asyncio.Task[None]] = set()
     failures: list[BaseException] = []
@@ -603,7 +505,7 @@ async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan
             raise
         finally:
             tick.cancel()
-            pool.shutdown()
+            await pool.close()
     return {"requests": stats.requests, "retries": stats.retries, "host_pauses": stats.host_pauses,
             "hosts_given_up": stats.hosts_given_up, "bytes_in": stats.bytes_in}
 

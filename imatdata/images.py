@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import signal
-import threading
-import time
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 # Pillow's own limit warns at this many pixels and raises at twice it; fetch checks the
 # header against its own limit first, so a bomb is refused before any pixel is decoded.
@@ -191,34 +187,6 @@ def process_images(bodies: list[bytes], max_side: int = 512, max_pixels: int = D
                    resize_filter: str = DEFAULT_RESIZE_FILTER) -> list[ImageResult]:
     """`process_image` over a batch: one round trip to a worker process for several bodies."""
     return [process_image(body, max_side, max_pixels, resize_filter) for body in bodies]
-
-
-def worker_init(parent_pid: int | None = None) -> None:
-    """Process-pool initializer.
-
-    Pillow must not half-accept truncated files; Ctrl-C is the parent's to handle (it stops
-    the run and keeps the journal); and a worker whose parent died (`kill -9` mid-run) exits
-    instead of waiting forever on a queue nobody will write to again.
-    """
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread (a test calling this directly)
-        pass
-    if parent_pid is not None:
-        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True,
-                         name="imat-parent-watch").start()
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def ready() -> bool:
-    """A no-op task: submitting it starts a pool's workers ahead of the first real body."""
-    return True
 
 
 def _describe(body: bytes) -> str:

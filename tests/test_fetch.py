@@ -339,29 +339,3 @@ def test_parse_size() -> None:
     assert parse_size("1000") == 1000 and parse_size("1.5k") == 1536
     with pytest.raises(UserError, match="--max-bytes"):
         parse_size("lots")
-
-
-def test_image_pool_survives_a_worker_crash() -> None:
-    import asyncio
-
-    from imatdata.fetch import ImagePool
-
-    big = encode(Image.new("RGB", (1800, 1400), (120, 30, 60)), "png")
-
-    async def run() -> tuple[list, int]:
-        pool = ImagePool(1, 512, 10**9, batch=4)
-        try:
-            tasks = [asyncio.ensure_future(pool.process(big)) for _ in range(5)]
-            # Kill the worker once it is busy: every batch in flight is lost with it.
-            while not pool._pool._processes:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.3)
-            for proc in list(pool._pool._processes.values()):
-                proc.kill()
-            return await asyncio.wait_for(asyncio.gather(*tasks), 120), pool._generation
-        finally:
-            pool.shutdown()
-
-    results, rebuilt = asyncio.run(run())
-    assert rebuilt == 1, "the pool was rebuilt once"
-    assert [(r.status, r.width, r.height) for r in results] == [("ok", 512, 398)] * 5

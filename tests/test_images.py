@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import io
-import multiprocessing
 import random
 import struct
 import time
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imatdata.images import RESIZE_FILTERS, process_image, sniff, target_size, to_rgb, worker_init
+from imatdata.images import RESIZE_FILTERS, process_image, sniff, target_size, to_rgb
 from imatdata.sample import encode, jpeg_bomb, png_bomb, render_product
 
 
@@ -182,14 +180,6 @@ def test_target_size() -> None:
     assert target_size(400, 300, 512) == (400, 300)
     assert target_size(4000, 3, 512) == (512, 1)
     assert target_size(4000, 3000, 0) == (4000, 3000)
-
-
-def test_runs_in_a_spawned_process_pool() -> None:
-    bodies = [encode(rgb((800, 600), seed=i), "jpeg") for i in range(4)]
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx, initializer=worker_init) as pool:
-        results = list(pool.map(process_image, bodies, [512] * 4))
-    assert [(r.status, r.width, r.height) for r in results] == [("ok", 512, 384)] * 4
 
 
 def test_corrupt_exif_is_not_fatal() -> None:

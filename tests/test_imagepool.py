@@ -1,0 +1,110 @@
+"""The fetch image workers: real child processes, real image bytes, real kills."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+from PIL import Image
+
+from imatdata.imagepool import ImagePool
+from imatdata.images import process_image
+from imatdata.sample import encode, render_product
+
+
+def bodies() -> list[bytes]:
+    photos = [encode(render_product(i, random.Random(i), 800).resize((800, 560 + 10 * i)), "jpeg") for i in range(5)]
+    png = encode(render_product(9, random.Random(9), 300).convert("RGBA"), "png")
+    return photos + [png, photos[0][: len(photos[0]) // 2], b"<html>no</html>", b""]
+
+
+def test_results_match_the_in_process_image_work() -> None:
+    data = bodies()
+
+    async def run() -> list:
+        pool = ImagePool(2, 512, 10**9, batch=3)
+        await pool.start()
+        try:
+            return await asyncio.gather(*(pool.process(b) for b in data))
+        finally:
+            await pool.close()
+
+    assert asyncio.run(run()) == [process_image(b, 512, 10**9) for b in data]
+
+
+async def kill_worker_holding(pool: ImagePool, body: bytes) -> None:
+    """SIGKILL the worker as soon as `body` is on its way to it (long before it can finish)."""
+    while not any(item.body is body for w in pool._workers for batch in w.in_flight for item in batch):
+        await asyncio.sleep(0.001)
+    os.kill(next(w.proc.pid for w in pool._workers
+                 if any(item.body is body for batch in w.in_flight for item in batch)), signal.SIGKILL)
+
+
+def test_a_killed_worker_is_replaced_and_its_bodies_retried() -> None:
+    big = encode(Image.new("RGB", (1800, 1400), (120, 30, 60)), "png")
+
+    async def run() -> tuple[list, int]:
+        pool = ImagePool(1, 512, 10**9, batch=4)
+        await pool.start()
+        try:
+            tasks = [asyncio.ensure_future(pool.process(big)) for _ in range(5)]
+            await kill_worker_holding(pool, big)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 120), pool.restarts
+        finally:
+            await pool.close()
+
+    results, restarts = asyncio.run(run())
+    assert restarts == 1
+    assert [(r.status, r.width, r.height) for r in results] == [("ok", 512, 398)] * 5
+
+
+def test_a_body_that_kills_its_worker_twice_is_a_decode_error() -> None:
+    big = encode(Image.new("RGB", (2400, 1800), (10, 200, 60)), "png")
+    small = encode(Image.new("RGB", (64, 48), (0, 0, 255)), "jpeg")
+
+    async def run() -> tuple[list, int]:
+        pool = ImagePool(1, 512, 10**9, batch=4)
+        await pool.start()
+        try:
+            culprit = asyncio.ensure_future(pool.process(big))
+            others = [asyncio.ensure_future(pool.process(small)) for _ in range(3)]
+            for n in (1, 2):
+                await kill_worker_holding(pool, big)
+                while pool.restarts < n:
+                    await asyncio.sleep(0.001)
+            return await asyncio.wait_for(asyncio.gather(culprit, *others), 120), pool.restarts
+        finally:
+            await pool.close()
+
+    (bad, *good), restarts = asyncio.run(run())
+    assert restarts == 2
+    assert bad.status == "decode_error" and "crashed" in bad.error
+    assert all(r.status == "ok" and r.image == small for r in good)  # retried alone, unharmed
+
+
+def test_workers_exit_when_the_pool_closes() -> None:
+    async def run() -> list[int]:
+        pool = ImagePool(2, 512, 10**9)
+        await pool.start()
+        pids = pool.pids()
+        await pool.close()
+        return pids
+
+    pids = asyncio.run(run())
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if _alive(p)]
+        time.sleep(0.05)
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
