@@ -4,7 +4,7 @@ The run, in order:
 1. validate every source (streaming; nothing written on a bad file);
 2. read what earlier runs finished: the raw shards and the journal (metadata columns only);
 3. stream the records again; those without a result go to the network (`download`), their
-   bodies to a process pool (`images`), and every outcome to an append-only journal of
+   bodies to the image workers (`imagepool`, running `images`), and every outcome to an append-only journal of
    small Parquet files flushed every few hundred rows or second;
 4. when every record has a row, rebuild `raw/<split>/` from shards + journal (the newest
    row per record wins), drop the journal, write the summary and the class statistics.
