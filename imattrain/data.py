@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from imatdata.errors import UserError
 from imatdata.manifest import RowGroupRef, list_shards, read_row_group, row_groups
@@ -342,7 +342,9 @@ class ShardStream(IterableDataset):
                     has_image.append(item is not None)
                 if remaining[unit] == 0:
                     del cache[unit]  # no later row of this worker needs it
-        return self._collate(images, labels, ids, has_image, corrupt, batch_index, len(rows))
+            # Inside the seeded block: a transform's `collate` may draw per-batch randomness.
+            return self._collate(images, labels, ids, has_image, corrupt, batch_index,
+                                 len(rows))
 
     def _prepare(self, data: bytes) -> Any:
         """Decoded and transformed sample, raw bytes (GPU decode), or None when corrupt."""
@@ -351,6 +353,9 @@ class ShardStream(IterableDataset):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                if getattr(self.transform, "decodes", False):
+                    # It decodes only as finely as its crop needs (transforms.BasicAugment).
+                    return self.transform(Image.open(io.BytesIO(data)))
                 img = decode_image(data, self.draft_size)
         except DECODE_ERRORS:
             return None
@@ -385,7 +390,8 @@ class ShardStream(IterableDataset):
         if not images:
             batch["image"] = torch.zeros(0)
         elif all(isinstance(x, torch.Tensor) for x in images):
-            batch["image"] = torch.stack(images)
+            # Both stack into shared memory inside a worker (no copy to send the batch).
+            batch["image"] = getattr(self.transform, "collate", default_collate)(images)
         else:
             batch["image"] = images  # a transform that does not return tensors
         return batch
