@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from PIL import ImageFile
 
 from imatdata import images as imagework
+from imatdata.errors import UserError
 from imatdata.images import ImageResult
 
 _COUNT = struct.Struct("<I")
@@ -53,6 +54,7 @@ class _Worker:
     writer: asyncio.StreamWriter
     in_flight: deque[list[_Item]] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
+    answered: int = 0  # batches answered so far
 
 
 class ImagePool:
@@ -140,22 +142,36 @@ class ImagePool:
                 for item, result in zip(w.in_flight.popleft(), results):
                     if not item.future.done():
                         item.future.set_result(result)
+                w.answered += 1
                 self._pump()
         except (asyncio.IncompleteReadError, ConnectionError):
-            if not self._closed:
+            if self._closed:
+                return
+            try:
                 await self._replace(w)
+            except Exception as exc:
+                self._fail(w, exc)
         except Exception as exc:  # a bug, not a hostile file: fail the rows, the run stops
-            for batch in w.in_flight:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            self._fail(w, exc)
+
+    def _fail(self, w: _Worker, exc: Exception) -> None:
+        for batch in w.in_flight:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
 
     async def _replace(self, w: _Worker) -> None:
         """The worker died mid-batch: start another and retry its bodies one by one."""
         w.writer.close()
         await _reap(w.proc)
+        code = w.proc.returncode
+        if code is not None and code > 0 and not w.answered:
+            # Python itself failed (a broken install, say), not a decoder killed by a file.
+            raise UserError(f"an image worker exited with code {code} before its first answer "
+                            "(its error is printed above); check the installation and rerun to resume")
         self.restarts += 1
         lost = [item for batch in w.in_flight for item in batch if not item.future.done()]
+        w.in_flight.clear()
         for item in reversed(lost):
             if item.tries >= 1:
                 item.future.set_result(ImageResult("decode_error", "the decoder crashed on this file",

@@ -108,3 +108,20 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_worker_that_fails_as_a_program_stops_the_run_with_a_clear_error() -> None:
+    import pytest
+
+    from imatdata.errors import UserError
+
+    async def run() -> None:
+        pool = ImagePool(1, 512, "many")  # type: ignore[arg-type]  # the worker cannot start: exit 1
+        await pool.start()
+        try:
+            await asyncio.wait_for(pool.process(encode(Image.new("RGB", (900, 700)), "png")), 60)
+        finally:
+            await pool.close()
+
+    with pytest.raises(UserError, match="exited with code 1 before its first answer"):
+        asyncio.run(run())
