@@ -51,7 +51,9 @@ def run_mode(data: Path, out: Path, args: argparse.Namespace, gpu_decode: bool) 
 
     cfg = TrainConfig(
         data=str(data), out=str(out), model=args.model, image_size=args.image_size,
-        epochs=2, batch_size=args.batch_size, workers=args.workers, lr=0.1,
+        # A throughput run on random labels: a modest constant rate, so no divergence (lr 0.1
+        # with no warm-up reached NaN by step 20 on an H200) stops it before it is measured.
+        epochs=2, batch_size=args.batch_size, workers=args.workers, lr=0.02,
         schedule="constant", amp=args.amp, channels_last=True, compile=args.compile,
         device=args.device, val_split="", quiet=True, gpu_decode=gpu_decode,
         num_classes=args.classes, prefetch=args.prefetch, shuffle_buffer=1024,
@@ -82,6 +84,8 @@ def main() -> int:
 
     import torch
 
+    from imatdata.errors import UserError
+
     if args.device in ("auto", "cuda") and not torch.cuda.is_available():
         print("gpu_train: no CUDA device here; this benchmark measures GPU training. For a "
               "smoke run on CPU: --device cpu --steps 2 --model resnet18 --image-size 64 "
@@ -105,7 +109,11 @@ def main() -> int:
             if gpu and args.device != "cuda":
                 rows.append((mode, None, None, None, "skipped: needs CUDA"))
                 continue
-            res = run_mode(data, root / f"run-{mode}", args, gpu)
+            try:
+                res = run_mode(data, root / f"run-{mode}", args, gpu)
+            except UserError as exc:
+                rows.append((mode, None, None, None, f"failed: {exc}"))
+                continue
             ok = res["images_per_s"] >= TARGET_IPS and res["data_wait_frac"] < TARGET_WAIT
             rows.append((mode, res["images_per_s"], res["data_wait_frac"], res["wall_s"],
                          "meets target" if ok else "below target"))
@@ -121,7 +129,7 @@ def main() -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    return 0
+    return 1 if any(row[4].startswith("failed") for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -439,14 +439,41 @@ def build_loader(data_dir: str | Path, split: str, *, transform: Callable[[Image
                       generator=generator, **kwargs)
 
 
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
 def gpu_decode_batch(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
     """Batched nvjpeg decode of JPEG bytes to uint8 CHW tensors on `device`; non-JPEG or
-    corrupt bytes fall back to a CPU decode, and None marks bytes nothing could decode."""
+    corrupt bytes fall back to a CPU decode, and None marks bytes nothing could decode.
+
+    Decoding happens under a stream of its own. torchvision allocates the output tensors on
+    the current stream but nvjpeg writes them on a private stream, unordered with the work
+    already queued: on the training stream, the outputs could reuse memory that the previous
+    step's backward pass was still using, and overwrite it. Measured on an H200 with
+    ResNet-50: NaN weights within 3 steps. A stream used only for decoding hands out only
+    blocks that earlier decodes used, and `record_stream` keeps each block from being reused
+    before the training stream has finished reading it.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     with warnings.catch_warnings():
         # torchvision 0.29 marks its decoders deprecated (TorchCodec supersedes them); they
         # are still what ships with the pinned torchvision, so keep the log clean.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _decode_batch(data, device)
+        if device.type != "cuda":
+            return _decode_batch(data, device)
+        consumer = torch.cuda.current_stream(device)
+        side = _DECODE_STREAMS.get(device)
+        if side is None:
+            side = _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            out = _decode_batch(data, device)
+        consumer.wait_stream(side)
+        for img in out:
+            if img is not None:
+                img.record_stream(consumer)
+        return out
 
 
 def _decode_batch(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
