@@ -71,6 +71,8 @@ def fetch(
     user_agent: str = typer.Option(None, "--user-agent", help="User-Agent header (its first token is the name "
                                    "X-Robots-Tag rules are matched against)."),
     workers: int = typer.Option(None, "--workers", help="Processes for image decoding (default: all cores)."),
+    loops: int = typer.Option(None, "--loops", help="Network event loops, one process each, sharing out "
+                              "the records and caps (default: 1 up to 4 cores, then one per 4 cores)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no summary table."),
 ) -> None:
     """Download URL lists into raw Parquet shards (<root>/raw/<split>/), one row per record, resumable."""
@@ -87,7 +89,7 @@ def fetch(
                         user_agent=user_agent or DEFAULT_USER_AGENT)
         opts = fetch_mod.FetchOptions(sources=sources, root=root, split=split, net=net, max_side=max_side,
                                       resize_filter=resize_filter, limit=limit, retry_failed=retry_failed, skip_invalid=skip_invalid,
-                                      quiet=quiet, workers=workers)
+                                      quiet=quiet, workers=workers, loops=loops)
         summary = fetch_mod.run_fetch(opts)
         if not quiet:
             fetch_mod.render_summary(summary, Console())

@@ -5,7 +5,9 @@ The run, in order:
 2. read what earlier runs finished: the raw shards and the journal (metadata columns only);
 3. stream the records again; those without a result go to the network (`download`), their
    bodies to the image workers (`imagepool`, running `images`), and every outcome to an append-only journal of
-   small Parquet files flushed every few hundred rows or second;
+   small Parquet files flushed every few hundred rows or second.
+   On a machine of more than 4 cores, several such loops run, each a process with its own
+   share of the records, request caps, image workers and journal files (`--loops`);
 4. when every record has a row, rebuild `raw/<split>/` from shards + journal (the newest
    row per record wins), drop the journal, write the summary and the class statistics.
 
@@ -20,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
+import traceback
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,9 @@ class FetchOptions:
     skip_invalid: bool = False
     quiet: bool = False
     workers: int | None = None
+    # Network event loops, each a process with its own share of the records, caps and image
+    # workers (None: `default_loops()`). One loop's own work caps it near 700 images/s.
+    loops: int | None = None
     max_pixels: int = imagework.DEFAULT_MAX_PIXELS
     resize_filter: str = imagework.DEFAULT_RESIZE_FILTER
     journal_rows: int = 512
@@ -84,6 +91,8 @@ class FetchOptions:
                             + ", ".join(imagework.RESIZE_FILTERS))
         if self.workers is not None and self.workers < 1:
             raise UserError("--workers must be at least 1")
+        if self.loops is not None and self.loops < 1:
+            raise UserError("--loops must be at least 1")
 
 
 @dataclass
@@ -115,6 +124,18 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))  # respects taskset / container CPU sets
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def default_loops(cores: int) -> int:
+    """One event loop up to 4 cores, then one per 4 cores. A loop spends ~1.3 ms of its own
+    CPU per image (HTTP, feeding the workers, the journal), so one keeps up with about seven
+    cores of image work on local photos and fewer on HTTPS; several keep every core busy."""
+    return 1 if cores <= 4 else -(-cores // 4)
+
+
+def _share(total: int, k: int, parts: int) -> int:
+    """Part k of `total` split over `parts` as evenly as integers allow (they sum to total)."""
+    return total // parts + (1 if k < total % parts else 0)
 
 
 def is_transient(status: str, http_status: int | None) -> bool:
@@ -219,11 +240,15 @@ class Journal:
     """Append-only rows of one run: small Parquet files, each written whole then renamed, so a
     crash leaves complete files only (at most the unflushed rows are lost)."""
 
-    def __init__(self, root: Path, flush_rows: int, flush_seconds: float) -> None:
+    def __init__(self, root: Path, flush_rows: int, flush_seconds: float, run: str | None = None,
+                 tag: str = "") -> None:
         self.root = root
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
-        self._run = f"{int(time.time() * 1000):013d}"
+        # Names sort in the order rows were written (newest row per record wins): the run's
+        # start time, then (several loops) the loop, then a sequence number.
+        self._run = run or new_run_id()
+        self._tag = tag
         self._seq = 0
         self._buffers: dict[str, list[dict[str, Any]]] = {}
         self._buffered = 0
@@ -260,7 +285,11 @@ class Journal:
 
     def _next_path(self, split: str) -> Path:
         self._seq += 1
-        return journal_dir(self.root, split) / f"j-{self._run}-{self._seq:08d}.parquet"
+        return journal_dir(self.root, split) / f"j-{self._run}-{self._tag}{self._seq:08d}.parquet"
+
+
+def new_run_id() -> str:
+    return f"{int(time.time() * 1000):013d}"
 
 
 def _write_journal_file(rows: list[dict[str, Any]], path: Path) -> None:
@@ -401,10 +430,13 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
             done[split] = done_keys(index_store(root, split), wanted, opts.retry_failed)
         already = sum(int(d.size) for d in done.values())
         total = sum(int(k.size) for k in scan.split_keys.values())
-        journal = Journal(root, opts.journal_rows, opts.journal_seconds)
         counters = Counters()
         fetcher_stats: dict[str, int] = {}
-        if total - already > 0:
+        loops = _loop_count(opts, total - already)
+        if total - already > 0 and loops > 1:
+            fetcher_stats = _fetch_parallel(opts, root, sources, scan, done, counters, total - already, loops)
+        elif total - already > 0:
+            journal = Journal(root, opts.journal_rows, opts.journal_seconds)
             fetcher_stats = asyncio.run(_fetch_all(opts, root, sources, scan, done, journal, counters,
                                                    total - already))
         splits, shards, dropped = {}, {}, 0
@@ -429,7 +461,10 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
 
 
 async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan: ScanResult,
-                     done: dict[str, np.ndarray], journal: Journal, counters: Counters, total: int) -> dict[str, int]:
+                     done: dict[str, np.ndarray], journal: Journal, counters: Counters, total: int,
+                     part: tuple[int, int] = (0, 1),
+                     on_tick: Callable[[Counters], None] | None = None) -> dict[str, int]:
+    """Fetch every record without a row; with `part=(k, n)`, only those whose key is k mod n."""
     workers = opts.workers or default_workers()
     pool = ImagePool(workers, opts.max_side, opts.max_pixels, opts.resize_filter, batch=opts.image_batch)
     await pool.start()
@@ -456,6 +491,8 @@ async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan
         while True:
             await asyncio.sleep(0.25)
             progress.update(counters)
+            if on_tick is not None:
+                on_tick(counters)
             if journal.due():
                 await journal.flush()
 
@@ -473,7 +510,7 @@ async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan
                         problem = scanned.invalid.get(rec.index)
                         key = (invalid_key(src.split, src.path.name, rec.index) if problem is not None
                                else record_key(src.split, rec.id))
-                        if _contains(split_done, key):
+                        if (part[1] > 1 and key % part[1] != part[0]) or _contains(split_done, key):
                             skipped += 1
                             if skipped % 2048 == 0:
                                 await asyncio.sleep(0)  # resuming a long list: let the loop breathe
@@ -497,6 +534,8 @@ async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan
                 stats = fetcher.stats
             await journal.flush()
             progress.update(counters)
+            if on_tick is not None:
+                on_tick(counters)
         except BaseException:
             for t in tasks:
                 t.cancel()
@@ -508,6 +547,140 @@ async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan
             await pool.close()
     return {"requests": stats.requests, "retries": stats.retries, "host_pauses": stats.host_pauses,
             "hosts_given_up": stats.hosts_given_up, "bytes_in": stats.bytes_in}
+
+
+# --- several loops ------------------------------------------------------------------------------
+
+
+def _loop_count(opts: FetchOptions, remaining: int) -> int:
+    """Loops for this run: as asked (or `default_loops`, for runs of some size), but never more
+    than there are image workers, per-host or global request slots to share out."""
+    workers = opts.workers or default_workers()
+    if opts.loops is not None:
+        wanted = opts.loops
+    else:  # not worth the processes for a small run
+        wanted = min(default_loops(default_workers()), max(1, remaining // 256))
+    return max(1, min(wanted, workers, opts.net.per_host, opts.net.concurrency))
+
+
+def _fetch_parallel(opts: FetchOptions, root: Path, sources: list[Source], scan: ScanResult,
+                    done: dict[str, np.ndarray], counters: Counters, total: int, loops: int) -> dict[str, int]:
+    """Run `loops` event loops in child processes, loop k taking the records whose key is k
+    mod `loops`, with its share of --concurrency, --per-host, the pending bound and the image
+    workers (so every cap still holds for the run as a whole). Each writes its own journal
+    files; this process shows the progress and merges what they report.
+
+    A failing loop stops the others (they flush their journals first, so a rerun resumes).
+    Each host's failure history is per loop: a dead host is detected by every loop."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("spawn")  # no forked copies of this process's threads
+    workers = opts.workers or default_workers()
+    pending = opts.pending or max(2 * opts.net.concurrency, 64)
+    shared = ctx.Array("q", 3 * loops, lock=False)  # done, ok, failed per loop
+    run = new_run_id()
+    procs, conns = [], []
+    try:
+        for k in range(loops):
+            net = replace(opts.net, concurrency=_share(opts.net.concurrency, k, loops),
+                          per_host=_share(opts.net.per_host, k, loops))
+            child = replace(opts, net=net, workers=_share(workers, k, loops), loops=1, quiet=True,
+                            pending=max(1, _share(pending, k, loops)), stats=False)
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_loop_process, name=f"imatdata-fetch-loop-{k}",
+                               args=(child, root, sources, scan, done, run, k, loops, shared, send, os.getpid()))
+            proc.start()
+            send.close()
+            procs.append(proc)
+            conns.append(recv)
+        results: dict[int, tuple[Any, ...]] = {}
+        with Progress(total, opts.quiet) as progress:
+            live = {conn: k for k, conn in enumerate(conns)}
+            while live:
+                for conn in wait(list(live), timeout=0.25):
+                    k = live.pop(conn)
+                    try:
+                        results[k] = conn.recv()
+                    except EOFError:
+                        procs[k].join(5)
+                        results[k] = ("died", procs[k].exitcode)
+                    if results[k][0] != "done":
+                        _raise_for(results[k])
+                view = Counters()
+                view.done, view.ok, view.failed = (sum(shared[i::3]) for i in range(3))
+                progress.update(view)
+    except BaseException:
+        _stop_loops(procs)
+        raise
+    for proc in procs:
+        proc.join()
+    stats: Counter[str] = Counter()
+    for _, part, part_stats in results.values():
+        counters.done += part.done
+        counters.ok += part.ok
+        counters.failed += part.failed
+        counters.by_status.update(part.by_status)
+        for split, by in part.by_split.items():
+            counters.by_split.setdefault(split, Counter()).update(by)
+        stats.update(part_stats)
+    return dict(stats)
+
+
+def _raise_for(result: tuple[Any, ...]) -> None:
+    kind = result[0]
+    if kind == "interrupted":
+        raise KeyboardInterrupt
+    if kind == "error":
+        raise UserError(result[1])
+    if kind == "died":
+        raise UserError(f"a fetch loop process died (exit code {result[1]}); rerun the same command "
+                        "to resume")
+    raise RuntimeError(f"a fetch loop failed: {result[1]} (its traceback is printed above)")
+
+
+def _stop_loops(procs: list[Any]) -> None:
+    """Interrupt the loops still running (each flushes its journal), then reap them."""
+    for proc in procs:
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + 30
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _loop_process(opts: FetchOptions, root: Path, sources: list[Source], scan: ScanResult,
+                  done: dict[str, np.ndarray], run: str, k: int, loops: int, shared: Any, conn: Any,
+                  parent: int) -> None:
+    """One loop's process: its share of the records, reported through `shared` and `conn`."""
+    journal = Journal(root, opts.journal_rows, opts.journal_seconds, run=run, tag=f"{k:03d}-")
+    counters = Counters()
+
+    def tick(c: Counters) -> None:
+        shared[3 * k:3 * k + 3] = [c.done, c.ok, c.failed]
+        if os.getppid() != parent:  # the fetch was killed (kill -9): keep what is done, stop
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def report(*message: Any) -> None:
+        try:
+            conn.send(message)
+        except OSError:
+            pass  # the fetch is gone; the journal holds the rows
+
+    try:
+        stats = asyncio.run(_fetch_all(opts, root, sources, scan, done, journal, counters, 0,
+                                       part=(k, loops), on_tick=tick))
+        report("done", counters, stats)
+    except UserError as exc:
+        report("error", str(exc))
+    except KeyboardInterrupt:
+        report("interrupted")
+    except BaseException as exc:
+        traceback.print_exc()
+        report("bug", f"{type(exc).__name__}: {exc}")
 
 
 def _contains(sorted_keys: np.ndarray, key: int) -> bool:

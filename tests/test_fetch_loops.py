@@ -1,0 +1,173 @@
+"""`imatdata fetch --loops N`: several event-loop processes share one run.
+
+Real child processes against the sample server: the fault catalogue still maps fault by
+fault, the caps hold for the run as a whole, and a kill -9 of the fetch, or of one loop,
+loses only work in flight and resumes to exactly one row per record.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from imatdata.fetch import journal_dir
+from imatdata.manifest import list_shards
+from imatdata.sample import Catalogue, Item, big_catalogue, build_catalogue, serve_in_thread, write_lists
+from test_fetch import cli, fetch_lib, rows, FAST
+
+
+def test_fault_catalogue_over_two_loops(tmp_path: Path) -> None:
+    cat = build_catalogue("faults", seed=0)
+    with serve_in_thread(cat) as srv:
+        lists = write_lists(cat, srv, tmp_path / "lists")
+        summary = fetch_lib([lists[s] for s in ("train", "val", "test")], tmp_path / "m", loops=2, workers=2)
+        requests = srv.total_requests
+        # Rerun: nothing left to do, nothing fetched.
+        fetch_lib([lists[s] for s in ("train", "val", "test")], tmp_path / "m", loops=2, workers=2)
+        assert srv.total_requests == requests
+    got = rows(tmp_path / "m")
+    expected = cat.expected()
+    assert Counter(r["id"] for r in got) == Counter(expected.keys()), "one row per input record"
+    wrong = {cat.by_id[r["id"]].kind: r["status"] for r in got if r["status"] != expected[r["id"]]}
+    assert not wrong, wrong
+    # The loops' reports are merged: the summary counts every row of this run.
+    assert summary.attempted == len(got) and sum(summary.this_run.values()) == len(got)
+    assert summary.this_run == dict(Counter(r["status"] for r in got))
+    assert summary.requests >= len(got)
+
+
+def test_caps_hold_for_the_run_as_a_whole(tmp_path: Path) -> None:
+    cat = Catalogue(kind="t", seed=0)
+    for i in range(40):
+        # Each response trickles 4 bytes 0.05 s apart, so requests overlap.
+        cat.add(Item(id=f"{i:032x}.jpg", path=f"/slow/{i}", split="train", label=1, body=b"abcd",
+                     fault="trickle", host="127.0.0.1" if i % 2 else "localhost",
+                     params={"interval": 0.05, "max_seconds": 5}))
+    with serve_in_thread(cat) as srv:
+        src = write_lists(cat, srv, tmp_path / "lists")["train"]
+        from imatdata.download import NetConfig
+        from imatdata.fetch import FetchOptions, run_fetch
+
+        net = NetConfig(per_host=3, concurrency=5, timeout=10, allow_nets=("127.0.0.0/8",))
+        run_fetch(FetchOptions([src], root=tmp_path / "m", net=net, quiet=True, stats=False, loops=2,
+                               workers=2))
+        assert srv.max_concurrency("127.0.0.1") <= 3 and srv.max_concurrency("localhost") <= 3
+        assert srv.max_concurrency() <= 5
+        # Each loop alone has at most 3 requests in flight: more means both ran at once.
+        assert srv.max_concurrency() >= 4
+    assert len(rows(tmp_path / "m")) == 40
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _start(src: Path, root: Path, pending: int, journal_rows: int) -> subprocess.Popen[bytes]:
+    code = (
+        "import sys\n"
+        "from imatdata.fetch import FetchOptions, run_fetch\n"
+        "from imatdata.download import NetConfig\n"
+        "from imatdata.errors import UserError\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        f"        run_fetch(FetchOptions([{str(src)!r}], root={str(root)!r}, quiet=True, workers=2, loops=2,"
+        f" pending={pending}, journal_rows={journal_rows}, journal_seconds=0.2, stats=False,"
+        " net=NetConfig(concurrency=4, allow_nets=('127.0.0.0/8',))))\n"
+        "    except UserError as exc:\n"
+        "        print('ERR', exc, file=sys.stderr); sys.exit(2)\n")
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_journal(proc: subprocess.Popen[bytes], jdir: Path, files: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if jdir.is_dir() and len(list(jdir.glob("j-*.parquet"))) >= files:
+            return
+        time.sleep(0.01)
+    assert proc.poll() is None, "fetch finished before it could be killed: " + proc.stderr.read().decode()
+
+
+def test_kill_9_of_the_fetch_stops_every_loop_and_rerun_resumes(tmp_path: Path) -> None:
+    n, pending, journal_rows = 1200, 8, 16
+    cat = big_catalogue(n, n_bodies=8, size=24)
+    root = tmp_path / "m"
+    with serve_in_thread(cat) as srv:
+        src = write_lists(cat, srv, tmp_path)["train"]
+        proc = _start(src, root, pending, journal_rows)
+        jdir = journal_dir(root, "train")
+        _wait_for_journal(proc, jdir, 6)
+        os.kill(proc.pid, signal.SIGKILL)  # the fetch process only: its loops must notice
+        proc.wait()
+        gone_by = time.monotonic() + 15
+        while time.monotonic() < gone_by and _group_alive(proc.pid):
+            time.sleep(0.1)
+        orphans = _group_alive(proc.pid)
+        if orphans:
+            os.killpg(proc.pid, signal.SIGKILL)
+        assert not orphans, "loops or image workers outlived the killed fetch"
+        names = [p.name for p in jdir.glob("j-*.parquet")]
+        assert {name.split("-")[2] for name in names} == {"000", "001"}, names  # both loops wrote
+        journaled = sum(pq.read_metadata(jdir / name).num_rows for name in names)
+        before = srv.total_requests
+        assert 0 < journaled < n and not list_shards(root / "raw" / "train")
+        fetch_lib([src], root, loops=2, workers=2)
+        second_run = srv.total_requests - before
+    got = rows(root)
+    assert len(got) == n and len({r["id"] for r in got}) == n
+    assert all(r["status"] == "ok" for r in got)
+    # Each loop flushes its journal as it stops: lost work is what was in flight or unflushed.
+    lost = before - journaled
+    assert lost <= 2 * (pending + journal_rows + 4), (before, journaled)
+    assert second_run == n - journaled
+
+
+def test_a_loop_killed_mid_run_is_one_clear_error_and_rerun_resumes(tmp_path: Path) -> None:
+    n = 1200
+    cat = big_catalogue(n, n_bodies=8, size=24)
+    root = tmp_path / "m"
+    with serve_in_thread(cat) as srv:
+        src = write_lists(cat, srv, tmp_path)["train"]
+        proc = _start(src, root, 8, 16)
+        _wait_for_journal(proc, journal_dir(root, "train"), 4)
+        loops = [pid for pid in _children(proc.pid)
+                 if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(loops) == 2, loops
+        os.kill(loops[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        lines = err.decode().strip().splitlines()
+        assert len(lines) == 1 and "a fetch loop process died" in lines[0], lines
+        gone_by = time.monotonic() + 15  # the other loop and every image worker stop too
+        while time.monotonic() < gone_by and _group_alive(proc.pid):
+            time.sleep(0.1)
+        assert not _group_alive(proc.pid)
+        code, _, err = cli(str(src), "--root", str(root), "--loops", "2", "--workers", "2", *FAST)
+        assert code == 0, err
+    got = rows(root)
+    assert len(got) == n and len({r["id"] for r in got}) == n
+    assert all(r["status"] == "ok" for r in got)
