@@ -86,6 +86,7 @@ class FetchOptions:
     def __post_init__(self) -> None:
         if self.max_side < 0:
             raise UserError("--max-side must be 0 (no limit) or a positive number of pixels")
+        self.resize_filter = self.resize_filter.strip().lower()  # "Lanczos" is lanczos too
         if self.resize_filter not in imagework.RESIZE_FILTERS:
             raise UserError(f"--resize-filter {self.resize_filter!r}: use one of "
                             + ", ".join(imagework.RESIZE_FILTERS))

@@ -40,11 +40,9 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from imatdata.errors import UserError
 from imatdata.manifest import RowGroupRef, list_shards, read_row_group, row_groups
+from imattrain.transforms import DECODE_ERRORS, UndecodableImage
 
 READ_COLUMNS = ["id", "label", "status", "image"]
-# Errors Pillow raises for bytes that are not a decodable image.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-                 TypeError, EOFError)
 
 
 # --- index: what is in a split, read once from the small columns --------------------------------
@@ -350,15 +348,23 @@ class ShardStream(IterableDataset):
         """Decoded and transformed sample, raw bytes (GPU decode), or None when corrupt."""
         if self.raw_bytes:
             return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if getattr(self.transform, "decodes", False):
-                    # It decodes only as finely as its crop needs (transforms.BasicAugment).
-                    return self.transform(Image.open(io.BytesIO(data)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if getattr(self.transform, "decodes", False):
+                # It decodes only as finely as its crop needs (transforms.BasicAugment) and
+                # says which failures are the bytes': its other errors are bugs, not rows.
+                try:
+                    img = Image.open(io.BytesIO(data))
+                except DECODE_ERRORS:
+                    return None
+                try:
+                    return self.transform(img)
+                except UndecodableImage:
+                    return None
+            try:
                 img = decode_image(data, self.draft_size)
-        except DECODE_ERRORS:
-            return None
+            except DECODE_ERRORS:
+                return None
         return self.transform(img) if self.transform is not None else img
 
     def _zero_like_sample(self) -> torch.Tensor:

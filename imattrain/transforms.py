@@ -72,6 +72,15 @@ def _colour(cfg: TrainConfig, mod: Any) -> list[Any]:
     return []
 
 
+# Errors Pillow raises for bytes that are not a decodable image.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, TypeError, EOFError)
+
+
+class UndecodableImage(Exception):
+    """A transform that decodes found bytes it cannot decode (the loader counts the row as
+    corrupt); any other exception from a transform is a bug and stops the run."""
+
+
 class BasicAugment:
     """The `basic` preset, fused: rotation, RandomResizedCrop and flip as one affine resample
     per image (`__call__` -> uint8 [3, S, S]); colour jitter and normalisation per batch
@@ -123,6 +132,10 @@ class BasicAugment:
             chosen = img.draft("RGB", (width // draft, height // draft))  # None: not a JPEG
             if chosen is not None:
                 scale = width / chosen[1][2]  # the scale libjpeg will really decode at
+        try:
+            img.load()  # the decode: the one step whose failure means corrupt bytes
+        except DECODE_ERRORS as exc:
+            raise UndecodableImage(str(exc)) from exc
         if img.mode != "RGB":
             img = img.convert("RGB")
         to_source = np.diag([1 / scale, 1 / scale, 1]) @ to_source

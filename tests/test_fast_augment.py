@@ -173,3 +173,27 @@ def test_shard_loader_batches_are_fused_and_reproducible(tmp_path: Path) -> None
     for a, b in zip(first, again):
         assert a["id"] == b["id"] and torch.equal(a["image"], b["image"])
     assert not torch.equal(first[0]["image"], other[0]["image"])
+
+
+def test_loader_counts_undecodable_bytes_but_raises_transform_bugs(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from train_shards import make_rows, write_split
+
+    rows = make_rows("train", 4, size=96)
+    whole = rows[0]["image"]
+    rows[0]["image"] = whole[: len(whole) // 2]  # a real JPEG header, then the bytes stop
+    write_split(tmp_path, "train", rows, row_group_rows=8)
+    cfg = TrainConfig(image_size=32)
+
+    def load() -> list[dict]:
+        return list(build_loader(tmp_path, "train", transform=build_train_transform(cfg),
+                                 batch_size=8, workers=0, train=True))
+
+    assert sum(b["corrupt"] for b in load()) == 1  # opened fine, failed to decode: a corrupt row
+
+    def broken(self, img, angle, crop, flip):  # a bug in the augmentation, not in the bytes
+        raise ValueError("bug in the transform")
+
+    monkeypatch.setattr(BasicAugment, "resample", broken)
+    with pytest.raises(ValueError, match="bug in the transform"):
+        load()

@@ -339,3 +339,10 @@ def test_parse_size() -> None:
     assert parse_size("1000") == 1000 and parse_size("1.5k") == 1536
     with pytest.raises(UserError, match="--max-bytes"):
         parse_size("lots")
+
+
+def test_resize_filter_names_are_case_insensitive() -> None:
+    assert FetchOptions(["x.json"], resize_filter="Lanczos").resize_filter == "lanczos"
+    assert FetchOptions(["x.json"], resize_filter=" AREA ").resize_filter == "area"
+    with pytest.raises(UserError, match="--resize-filter 'box'"):
+        FetchOptions(["x.json"], resize_filter="box")
