@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from imatdata.cli import app
 from imatdata.download import NetConfig
 from imatdata.errors import UserError
-from imatdata.fetch import JOURNAL_DIR, SUMMARY_NAME, FetchOptions, journal_dir, parse_size, run_fetch
+from imatdata.fetch import JOURNAL_DIR, SUMMARY_NAME, FetchOptions, _preload, journal_dir, parse_size, run_fetch
 from imatdata.manifest import RAW_SCHEMA, list_shards, read_table
 from imatdata.sample import (Catalogue, Item, big_catalogue, build_catalogue, encode, render_product,
                              serve_in_thread, write_lists)
@@ -346,3 +346,12 @@ def test_resize_filter_names_are_case_insensitive() -> None:
     assert FetchOptions(["x.json"], resize_filter=" AREA ").resize_filter == "area"
     with pytest.raises(UserError, match="--resize-filter 'box'"):
         FetchOptions(["x.json"], resize_filter="box")
+
+
+def test_preload_imports_on_a_thread_and_stays_silent_on_failure(capfd) -> None:
+    sys.modules.pop("colorsys", None)
+    _preload("colorsys").join(10)
+    assert "colorsys" in sys.modules
+    _preload("imatdata_no_such_module").join(10)  # the real import reports it later
+    assert "imatdata_no_such_module" not in sys.modules
+    assert capfd.readouterr().err == ""
