@@ -19,7 +19,8 @@ static HTTP/1.1 server, so that it takes as little of the downloaders' cores as 
 
 Memory (--memory N): N tiny images (`sample.big_catalogue`), and the peak resident memory
 of the whole `imatdata fetch` process tree (main + image workers), sampled from /proc,
-with the RSS at each quarter of the run so a trend is visible.
+with the RSS at each quarter of the run so a trend is visible; also the peak bytes on disk
+under the output root against the final size (rows wait in the journal until sealed).
 
     .venv/bin/python bench/fetch.py [--n 10000] [--threads 32] [--no-naive] [--img2dataset PATH] [--loops 1,4]
     .venv/bin/python bench/fetch.py --memory 200000
@@ -246,17 +247,34 @@ def tree_rss_bytes(root_pid: int) -> int:
     return total
 
 
+def disk_bytes(folder: Path) -> int:
+    """Bytes of every file under `folder` (files that vanish mid-walk are skipped)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
 class RssSampler(threading.Thread):
-    def __init__(self, pid: int, every: float = 0.5) -> None:
+    """Samples the process tree's resident memory and, given a folder, the bytes under it."""
+
+    def __init__(self, pid: int, every: float = 0.5, folder: Path | None = None) -> None:
         super().__init__(daemon=True)
-        self.pid, self.every = pid, every
+        self.pid, self.every, self.folder = pid, every, folder
         self.samples: list[tuple[float, int]] = []
+        self.disk: list[int] = []
         self._halt = threading.Event()
 
     def run(self) -> None:
         start = time.monotonic()
         while not self._halt.is_set():
             self.samples.append((time.monotonic() - start, tree_rss_bytes(self.pid)))
+            if self.folder is not None:
+                self.disk.append(disk_bytes(self.folder))
             self._halt.wait(self.every)
 
     def stop(self) -> None:
@@ -272,7 +290,7 @@ def run_imat(list_path: Path, root: Path, extra: list[str], sample_rss: bool = F
     t0 = time.perf_counter()
     proc = subprocess.Popen([*IMATDATA, "fetch", str(list_path), "--root", str(root), "--allow-net", "127.0.0.0/8",
                              "--quiet", *extra], cwd=ROOT)
-    sampler = RssSampler(proc.pid) if sample_rss else None
+    sampler = RssSampler(proc.pid, folder=root) if sample_rss else None
     if sampler:
         sampler.start()
     code = proc.wait()
@@ -284,7 +302,8 @@ def run_imat(list_path: Path, root: Path, extra: list[str], sample_rss: bool = F
     summary = json.loads((root / "raw" / "fetch_summary.json").read_text())
     return {"wall": wall, "cpu": children_cpu_s() - cpu0, "ok": summary["this_run"].get("ok", 0),
             "records": summary["records"], "fetch_s": summary["elapsed_s"], "summary": summary,
-            "rss": sampler.samples if sampler else []}
+            "rss": sampler.samples if sampler else [], "disk": sampler.disk if sampler else [],
+            "final_disk": disk_bytes(root)}
 
 
 def run_naive(list_path: Path, out: Path, threads: int, max_side: int, resize_filter: str) -> dict:
@@ -420,6 +439,11 @@ def memory(args: argparse.Namespace) -> None:
             window = [rss for t, rss in samples if t <= t_q]
             marks.append(f"{int(q * 100)}%: {max(window) / 2**20:.0f} MiB")
         print("peak RSS so far at each fraction of the run time: " + ", ".join(marks))
+        # Rows sit in the journal until sealed into shards; without sealing, the end of a run
+        # held every row twice (journal + rebuilt shards).
+        peak_disk = max(r["disk"] + [r["final_disk"]])
+        print(f"disk under the root: peak {peak_disk / 2**20:.1f} MiB during the run, {r['final_disk'] / 2**20:.1f} MiB "
+              f"at the end (peak / final = {peak_disk / max(1, r['final_disk']):.2f})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -7,9 +7,11 @@ The run, in order:
    bodies to the image workers (`imagepool`, running `images`), and every outcome to an append-only journal of
    small Parquet files flushed every few hundred rows or second.
    On a machine of more than 4 cores, several such loops run, each a process with its own
-   share of the records, request caps, image workers and journal files (`--loops`);
-4. when every record has a row, rebuild `raw/<split>/` from shards + journal (the newest
-   row per record wins), drop the journal, write the summary and the class statistics.
+   share of the records, request caps, image workers and journal files (`--loops`).
+   Meanwhile a thread seals each full shard's worth of journal rows into a raw shard;
+4. when every record has a row, settle `raw/<split>/` from shards + journal (the newest row
+   per record wins; untouched shards stay as they are), drop the journal, write the summary
+   and the class statistics.
 
 A `kill -9` at any moment loses only the requests in flight and the rows not yet flushed:
 rerunning the same command reads the journal back and continues. Memory stays flat in the
@@ -37,14 +39,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imatdata import images as imagework
 from imatdata.download import Download, Fetcher, NetConfig
 from imatdata.imagepool import ImagePool
 from imatdata.errors import UserError
-from imatdata.manifest import (RAW_SCHEMA, STATUSES, list_shards, remove_stale_temps, resolve_root,
-                               split_dir, write_bytes_atomic, write_split, write_table_atomic)
+from imatdata.manifest import (RAW_SCHEMA, SHARD_PATTERN, STATUSES, ShardWriter, fsync_dir, list_shards,
+                               remove_stale_temps, resolve_root, shard_name, split_dir, write_bytes_atomic,
+                               write_table_atomic)
 from imatdata.sources import (Record, ScanResult, Source, invalid_key, read_records, record_key,
                               resolve_sources, scan_sources)
 
@@ -78,6 +82,7 @@ class FetchOptions:
     journal_rows: int = 512
     journal_seconds: float = 1.0
     shard_rows: int = 50_000
+    seal_seconds: float = 5.0  # how often journal rows are checked for a full shard to seal
     # Records being worked on at once (waiting for a host slot, downloading, decoding).
     # More than --concurrency so one busy host cannot idle the others.
     pending: int | None = None
@@ -237,6 +242,111 @@ def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     pos = np.searchsorted(sorted_set, values)
     pos[pos >= sorted_set.size] = 0
     return sorted_set[pos] == values
+
+
+# --- sealing: full shards' worth of journal rows become raw shards while the fetch runs ------------
+
+
+def seal_journal(root: Path, split: str, shard_rows: int, stop: threading.Event | None = None) -> Path | None:
+    """Move the oldest journal files of `split`, a shard's worth of rows, into the next raw shard.
+
+    Seals only when more rows wait than one shard holds, so the shard comes out full; returns
+    it, or None. The files taken are always the oldest (a prefix in name order), so the shard
+    still ranks below every row left in the journal and the newest row of a record still wins.
+    `invalid` rows are rebuilt from the input on every run and need their journal key, which a
+    shard cannot hold: they move to a journal file of their own instead. The shard is committed
+    before any journal file goes, so a crash in between only leaves rows twice (the journal
+    copy wins; finalising drops the other).
+    """
+    take, rows = [], 0
+    for path in journal_files(root, split):
+        if path.stem.endswith(_CARRIED):
+            n = 0  # invalid rows only, carried again: they never fill a shard
+        else:
+            with pq.ParquetFile(path) as pf:
+                n = pf.metadata.num_rows
+        if take and rows + n > shard_rows:
+            break
+        take.append(path)
+        rows += n
+    else:
+        return None  # everything waiting fits in one shard: leave it to grow (or to finalising)
+    folder = split_dir(root, "raw", split)
+    writer = ShardWriter(folder, RAW_SCHEMA, shard_rows=rows, start_index=_next_shard_index(folder))
+    invalid: list[pa.RecordBatch] = []
+    try:
+        for path in take:
+            if stop is not None and stop.is_set():
+                writer.abort()
+                return None
+            with pq.ParquetFile(path) as pf:
+                for batch in pf.iter_batches(batch_size=128):  # images inside: a bounded slice at a time
+                    is_invalid = pc.equal(batch.column("status"), "invalid")
+                    invalid.append(batch.filter(is_invalid))
+                    writer.write_batch(batch.filter(pc.invert(is_invalid)).select(RAW_SCHEMA.names))
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    carried = pa.Table.from_batches(invalid, schema=JOURNAL_SCHEMA)
+    if carried.num_rows:
+        write_table_atomic(carried, take[-1].with_name(take[-1].stem + _CARRIED + ".parquet"), compression="none")
+    for path in take:
+        path.unlink(missing_ok=True)
+    fsync_dir(take[0].parent)
+    return shards[0] if shards else None
+
+
+_CARRIED = "-i"  # suffix of a journal file holding the invalid rows of sealed ones
+
+
+def _next_shard_index(folder: Path) -> int:
+    shards = list_shards(folder)
+    return _shard_index(shards[-1]) + 1 if shards else 0
+
+
+def _shard_index(path: Path) -> int:
+    match = SHARD_PATTERN.match(path.name)
+    assert match is not None, path
+    return int(match.group(1))
+
+
+class Sealer:
+    """A thread that seals full shards of journal rows (`seal_journal`) every few seconds.
+
+    Without it a million-image fetch would hold every image twice at the end (journal + new
+    shards) and spend its last minutes copying them; with it the journal never holds much
+    more than a shard and finalising writes at most one. A seal that fails for lack of disk
+    or the like is left to finalising, which reports it; anything else is a bug and is raised
+    when the fetch ends."""
+
+    def __init__(self, root: Path, splits: Sequence[str], shard_rows: int, every: float = 5.0) -> None:
+        self.root, self.splits, self.shard_rows, self.every = root, list(splits), shard_rows, every
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="imatdata-sealer", daemon=True)
+
+    def __enter__(self) -> Sealer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                for split in self.splits:
+                    while not self._stop.is_set() and seal_journal(self.root, split, self.shard_rows, self._stop):
+                        pass
+            except (OSError, pa.ArrowException):
+                return  # disk full, say: the journal is intact and finalising will report it
+            except BaseException as exc:
+                self._error = exc
+                return
 
 
 class Journal:
@@ -436,12 +546,13 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
         counters = Counters()
         fetcher_stats: dict[str, int] = {}
         loops = _loop_count(opts, total - already)
-        if total - already > 0 and loops > 1:
-            fetcher_stats = _fetch_parallel(opts, root, sources, scan, done, counters, total - already, loops)
-        elif total - already > 0:
-            journal = Journal(root, opts.journal_rows, opts.journal_seconds)
-            fetcher_stats = asyncio.run(_fetch_all(opts, root, sources, scan, done, journal, counters,
-                                                   total - already))
+        with Sealer(root, list(scan.split_keys), opts.shard_rows, opts.seal_seconds):
+            if total - already > 0 and loops > 1:
+                fetcher_stats = _fetch_parallel(opts, root, sources, scan, done, counters, total - already, loops)
+            elif total - already > 0:
+                journal = Journal(root, opts.journal_rows, opts.journal_seconds)
+                fetcher_stats = asyncio.run(_fetch_all(opts, root, sources, scan, done, journal, counters,
+                                                       total - already))
         if opts.stats:
             _preload("imatdata.plots")  # ~1 s of matplotlib import, hidden behind the rebuild
         splits, shards, dropped = {}, {}, 0
@@ -715,10 +826,16 @@ def _contains(sorted_keys: np.ndarray, key: int) -> bool:
 
 
 def finalize_split(root: Path, split: str, wanted: np.ndarray, shard_rows: int) -> tuple[dict[str, int], list[Path], int]:
-    """Rebuild raw/<split>/ from its shards and journal: one row per wanted record, the newest.
+    """Settle raw/<split>/ from its shards and journal: one row per wanted record, the newest.
+
+    Work is in proportion to what changed: a shard whose rows all stay is left as it is, one
+    holding superseded or no-longer-listed rows is rewritten without them (or removed), the
+    journal's rows become new shards after the last, and the shards are numbered from
+    part-00000 without gaps. The journal goes only once all that is on disk, so a crash at any
+    point leaves the newest rows readable and the rerun settles the split again.
 
     Returns (status counts, shard paths, rows of earlier runs dropped because their record
-    is not in this input). The journal is removed only once the new shards are in place.
+    is not in this input).
     """
     index = index_store(root, split)
     rows = index.latest()
@@ -728,39 +845,64 @@ def finalize_split(root: Path, split: str, wanted: np.ndarray, shard_rows: int) 
     if missing:
         raise UserError(f"raw/{split}: {missing} records have no result yet; rerun the same command to fetch them")
     stale = int(np.count_nonzero(~in_input))
-    journal = [p for p in index.files if p.parent == journal_dir(root, split)]
-    untouched = not journal and stale == 0 and keep_rows.size == index.keys.size
+    keep = np.zeros(index.keys.size, dtype=bool)
+    keep[keep_rows] = True
     folder = split_dir(root, "raw", split)
-    if untouched and list_shards(folder):
-        paths = list_shards(folder)
-    else:
-        keep = np.zeros(index.keys.size, dtype=bool)
-        keep[keep_rows] = True
-        paths = write_split(folder, _kept_batches(index, keep), RAW_SCHEMA, shard_rows=shard_rows)
+    journal = [p for p in index.files if p.parent == journal_dir(root, split)]
+    shards = len(index.files) - len(journal)
+    total = np.bincount(index.file_of, minlength=len(index.files))
+    kept = np.bincount(index.file_of[keep_rows], minlength=len(index.files))
+    starts = np.concatenate([[0], np.cumsum(total)])
+    for n, path in enumerate(index.files[:shards]):
+        if kept[n] == total[n]:
+            continue
+        if kept[n] == 0:
+            path.unlink()
+            continue
+        with ShardWriter(folder, RAW_SCHEMA, shard_rows=int(kept[n]), start_index=_shard_index(path)) as writer:
+            for batch in _kept_batches(path, keep[starts[n]:starts[n + 1]]):
+                writer.write_batch(batch)
+    if kept[shards:].any():
+        with ShardWriter(folder, RAW_SCHEMA, shard_rows=shard_rows, start_index=_next_shard_index(folder)) as writer:
+            for n in range(shards, len(index.files)):
+                for batch in _kept_batches(index.files[n], keep[starts[n]:starts[n + 1]]):
+                    writer.write_batch(batch)
+    paths = _renumber_shards(folder)
+    if not paths:  # an empty split still gets one (empty) shard so readers see the split exists
+        write_table_atomic(RAW_SCHEMA.empty_table(), folder / shard_name(0))
+        paths = [folder / shard_name(0)]
     for p in journal:
         p.unlink(missing_ok=True)
     counts = Counter(STATUSES[c] for c in index.status[keep_rows].tolist())
     return {s: counts.get(s, 0) for s in STATUSES if counts.get(s, 0)} | {"records": int(keep_rows.size)}, paths, stale
 
 
-def _kept_batches(index: StoreIndex, keep: np.ndarray) -> Iterator[pa.RecordBatch]:
-    offset = 0
-    counts = np.bincount(index.file_of, minlength=len(index.files))
-    for n, path in enumerate(index.files):
-        count = int(counts[n])
-        mask = keep[offset:offset + count]
-        offset += count
-        if not mask.any():
-            continue
-        with pq.ParquetFile(path) as pf:
-            at = 0
-            for batch in pf.iter_batches(batch_size=1024, columns=RAW_SCHEMA.names):
-                part = mask[at:at + batch.num_rows]
-                at += batch.num_rows
-                if part.all():
-                    yield batch
-                elif part.any():
-                    yield batch.filter(pa.array(part))
+def _kept_batches(path: Path, mask: np.ndarray) -> Iterator[pa.RecordBatch]:
+    """The rows of one stored file where `mask` (one bool per row) is set, batch by batch."""
+    if not mask.any():
+        return
+    with pq.ParquetFile(path) as pf:
+        at = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=RAW_SCHEMA.names):
+            part = mask[at:at + batch.num_rows]
+            at += batch.num_rows
+            if part.all():
+                yield batch
+            elif part.any():
+                yield batch.filter(pa.array(part))
+
+
+def _renumber_shards(folder: Path) -> list[Path]:
+    """Rename the shards to part-00000, part-00001, ... in their order. Each moves down to a
+    free name, so a crash half-way leaves gaps and nothing worse."""
+    paths = []
+    for i, path in enumerate(list_shards(folder)):
+        if path.name != shard_name(i):
+            os.replace(path, folder / shard_name(i))
+        paths.append(folder / shard_name(i))
+    if paths:
+        fsync_dir(folder)
+    return paths
 
 
 # --- CLI helpers ----------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ def shard_name(index: int) -> str:
 # --- atomic files ---------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # Directory fsync makes the rename durable; not available on Windows, where the
     # rename itself is what we can rely on.
     try:
@@ -153,7 +153,7 @@ def commit_file(tmp: Path, final: Path) -> None:
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def parquet_options(schema: pa.Schema, compression: str = "zstd") -> dict[str, Any]:
@@ -340,44 +340,6 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
         else:
             arrays.append(batch.column(idx).cast(f.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-
-def write_split(folder: Path, batches: Iterable[pa.RecordBatch | pa.Table], schema: pa.Schema,
-                **kwargs: Any) -> list[Path]:
-    """Replace the shards of one split with `batches`.
-
-    New shards are written beside the old ones under temporary names; only when all are
-    finished are old shards beyond the new count removed, so a crash mid-way leaves either
-    complete old shards or complete new ones under each final name.
-    """
-    folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.staging")
-    if staging.exists():
-        _rmtree(staging)
-    with ShardWriter(staging, schema=schema, **kwargs) as writer:
-        for b in batches:
-            writer.write_batch(b)
-    produced = writer.written
-    if not produced:
-        # An empty split still gets one (empty) shard so readers see the split exists.
-        write_table_atomic(schema.empty_table(), staging / shard_name(0))
-        produced = [staging / shard_name(0)]
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in produced:
-        os.replace(p, folder / p.name)
-    _fsync_dir(folder)
-    keep = {p.name for p in produced}
-    for old in list_shards(folder):
-        if old.name not in keep:
-            old.unlink()
-    _rmtree(staging)
-    return [folder / name for name in sorted(keep)]
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # --- reader -----------------------------------------------------------------------------------

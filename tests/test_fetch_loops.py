@@ -17,17 +17,23 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from imatdata import fetch
 from imatdata.fetch import journal_dir
 from imatdata.manifest import list_shards
 from imatdata.sample import Catalogue, Item, big_catalogue, build_catalogue, serve_in_thread, write_lists
 from test_fetch import cli, fetch_lib, rows, FAST
 
 
-def test_fault_catalogue_over_two_loops(tmp_path: Path) -> None:
+def test_fault_catalogue_over_two_loops(tmp_path: Path, monkeypatch) -> None:
+    sealed = []
+    real_seal = fetch.seal_journal
+    monkeypatch.setattr(fetch, "seal_journal", lambda *a, **k: sealed.append(real_seal(*a, **k)) or sealed[-1])
     cat = build_catalogue("faults", seed=0)
     with serve_in_thread(cat) as srv:
         lists = write_lists(cat, srv, tmp_path / "lists")
-        summary = fetch_lib([lists[s] for s in ("train", "val", "test")], tmp_path / "m", loops=2, workers=2)
+        # Small shards sealed often: the parent seals journal rows while both loops write them.
+        summary = fetch_lib([lists[s] for s in ("train", "val", "test")], tmp_path / "m", loops=2, workers=2,
+                            shard_rows=8, journal_rows=2, journal_seconds=0.05, seal_seconds=0.02)
         requests = srv.total_requests
         # Rerun: nothing left to do, nothing fetched.
         fetch_lib([lists[s] for s in ("train", "val", "test")], tmp_path / "m", loops=2, workers=2)
@@ -41,6 +47,7 @@ def test_fault_catalogue_over_two_loops(tmp_path: Path) -> None:
     assert summary.attempted == len(got) and sum(summary.this_run.values()) == len(got)
     assert summary.this_run == dict(Counter(r["status"] for r in got))
     assert summary.requests >= len(got)
+    assert any(sealed), "no shard was sealed while the loops ran"
 
 
 def test_caps_hold_for_the_run_as_a_whole(tmp_path: Path) -> None:

@@ -132,20 +132,6 @@ def test_missing_nullable_columns_become_null_and_required_ones_fail(tmp_path: P
     assert m.list_shards(tmp_path / "x") == []
 
 
-def test_write_split_replaces_old_shards(tmp_path: Path) -> None:
-    folder = tmp_path / "clean" / "train"
-    m.write_split(folder, [pa.Table.from_pylist([_row(i) for i in range(30)], schema=m.RAW_SCHEMA)],
-                  m.RAW_SCHEMA, shard_rows=10)
-    assert len(m.list_shards(folder)) == 3
-    m.write_split(folder, [pa.Table.from_pylist([_row(i) for i in range(5)], schema=m.RAW_SCHEMA)],
-                  m.RAW_SCHEMA, shard_rows=10)
-    assert len(m.list_shards(folder)) == 1
-    assert m.read_table(folder).num_rows == 5
-    m.write_split(folder, [], m.RAW_SCHEMA)
-    assert m.read_table(folder).num_rows == 0
-    assert not any(p.name.startswith(".") for p in folder.parent.iterdir())
-
-
 def test_missing_manifest_is_a_user_error(tmp_path: Path) -> None:
     from imatdata.errors import UserError
 
