@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -284,33 +285,11 @@ def test_kill_9_then_rerun_loses_only_in_flight_work(tmp_path: Path) -> None:
     pending, journal_rows = 8, 16
     with serve_in_thread(cat) as srv:
         src = write_lists(cat, srv, tmp_path)["train"]
-        code = (
-            "import sys\n"
-            "from imatdata.fetch import FetchOptions, run_fetch\n"
-            "from imatdata.download import NetConfig\n"
-            "if __name__ == '__main__':\n"
-            f"    run_fetch(FetchOptions([{str(src)!r}], root={str(root)!r}, quiet=True, workers=1,"
-            f" pending={pending}, journal_rows={journal_rows}, journal_seconds=0.2,"
-            " net=NetConfig(concurrency=4, allow_nets=('127.0.0.0/8',))))\n")
-        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = spawn_fetch(src, root, workers=1, pending=pending, journal_rows=journal_rows, journal_seconds=0.2)
         jdir = journal_dir(root, "train")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if jdir.is_dir() and len(list(jdir.glob("j-*.parquet"))) >= 3:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "fetch finished before it could be killed: " + proc.stderr.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)  # the fetch process only, mid-run
-        proc.wait()
-        # Its image workers notice and exit rather than linger as orphans.
-        gone_by = time.monotonic() + 10
-        while time.monotonic() < gone_by and _group_alive(proc.pid):
-            time.sleep(0.1)
-        orphans = _group_alive(proc.pid)
-        if orphans:
-            os.killpg(proc.pid, signal.SIGKILL)
-        assert not orphans, "image workers outlived the killed fetch"
+        wait_while_running(proc, lambda: len(list(jdir.glob("j-*.parquet"))) >= 3)
+        # The fetch process only, mid-run: its image workers notice and exit, not linger as orphans.
+        assert kill_fetch(proc), "image workers outlived the killed fetch"
         journaled = sum(pq.read_metadata(p).num_rows for p in jdir.glob("j-*.parquet"))
         before = srv.total_requests
         assert 0 < journaled < n and not list_shards(root / "raw" / "train")
@@ -325,12 +304,52 @@ def test_kill_9_then_rerun_loses_only_in_flight_work(tmp_path: Path) -> None:
     assert second_run == n - journaled, "every journaled row was kept, every lost one fetched again"
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def spawn_fetch(src: Path, root: Path, **options: object) -> subprocess.Popen[bytes]:
+    """`run_fetch` of one list in a child process leading a session of its own, so that the
+    test can kill it and then find whatever it left running. A UserError is one line, exit 2."""
+    settings = "".join(f", {k}={v!r}" for k, v in options.items())
+    code = (
+        "import sys\n"
+        "from imatdata.fetch import FetchOptions, run_fetch\n"
+        "from imatdata.download import NetConfig\n"
+        "from imatdata.errors import UserError\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        f"        run_fetch(FetchOptions([{str(src)!r}], root={str(root)!r}, quiet=True, stats=False{settings},"
+        " net=NetConfig(concurrency=4, allow_nets=('127.0.0.0/8',))))\n"
+        "    except UserError as exc:\n"
+        "        print('ERR', exc, file=sys.stderr); sys.exit(2)\n")
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_while_running(proc: subprocess.Popen[bytes], ready: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll `ready()` until it holds; the fetch must still be running then (to be killed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.005)
+    assert proc.poll() is None, "fetch finished before it could be killed: " + proc.stderr.read().decode()
+
+
+def kill_fetch(proc: subprocess.Popen[bytes], grace: float = 15) -> bool:
+    """SIGKILL the fetch process alone, then give its children `grace` seconds to notice and
+    exit. True when they all did; stragglers are killed either way."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return group_gone(proc.pid, grace)
+
+
+def group_gone(pgid: int, grace: float) -> bool:
+    """Wait up to `grace` seconds for every process of the group to exit; kill what is left."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    os.killpg(pgid, signal.SIGKILL)
+    return False
 
 
 def test_parse_size() -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from imatdata import fetch
 from imatdata.fetch import journal_dir
 from imatdata.manifest import list_shards
 from imatdata.sample import Catalogue, Item, big_catalogue, build_catalogue, serve_in_thread, write_lists
-from test_fetch import cli, fetch_lib, rows, FAST
+from test_fetch import FAST, cli, fetch_lib, group_gone, kill_fetch, rows, spawn_fetch, wait_while_running
 
 
 def test_fault_catalogue_over_two_loops(tmp_path: Path, monkeypatch) -> None:
@@ -85,38 +83,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _start(src: Path, root: Path, pending: int, journal_rows: int) -> subprocess.Popen[bytes]:
-    code = (
-        "import sys\n"
-        "from imatdata.fetch import FetchOptions, run_fetch\n"
-        "from imatdata.download import NetConfig\n"
-        "from imatdata.errors import UserError\n"
-        "if __name__ == '__main__':\n"
-        "    try:\n"
-        f"        run_fetch(FetchOptions([{str(src)!r}], root={str(root)!r}, quiet=True, workers=2, loops=2,"
-        f" pending={pending}, journal_rows={journal_rows}, journal_seconds=0.2, stats=False,"
-        " net=NetConfig(concurrency=4, allow_nets=('127.0.0.0/8',))))\n"
-        "    except UserError as exc:\n"
-        "        print('ERR', exc, file=sys.stderr); sys.exit(2)\n")
-    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return spawn_fetch(src, root, workers=2, loops=2, pending=pending, journal_rows=journal_rows,
+                       journal_seconds=0.2)
 
 
 def _wait_for_journal(proc: subprocess.Popen[bytes], jdir: Path, files: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if jdir.is_dir() and len(list(jdir.glob("j-*.parquet"))) >= files:
-            return
-        time.sleep(0.01)
-    assert proc.poll() is None, "fetch finished before it could be killed: " + proc.stderr.read().decode()
+    wait_while_running(proc, lambda: len(list(jdir.glob("j-*.parquet"))) >= files)
 
 
 def test_kill_9_of_the_fetch_stops_every_loop_and_rerun_resumes(tmp_path: Path) -> None:
@@ -128,15 +101,8 @@ def test_kill_9_of_the_fetch_stops_every_loop_and_rerun_resumes(tmp_path: Path) 
         proc = _start(src, root, pending, journal_rows)
         jdir = journal_dir(root, "train")
         _wait_for_journal(proc, jdir, 6)
-        os.kill(proc.pid, signal.SIGKILL)  # the fetch process only: its loops must notice
-        proc.wait()
-        gone_by = time.monotonic() + 15
-        while time.monotonic() < gone_by and _group_alive(proc.pid):
-            time.sleep(0.1)
-        orphans = _group_alive(proc.pid)
-        if orphans:
-            os.killpg(proc.pid, signal.SIGKILL)
-        assert not orphans, "loops or image workers outlived the killed fetch"
+        # The fetch process only: its loops must notice.
+        assert kill_fetch(proc), "loops or image workers outlived the killed fetch"
         names = [p.name for p in jdir.glob("j-*.parquet")]
         assert {name.split("-")[2] for name in names} == {"000", "001"}, names  # both loops wrote
         journaled = sum(pq.read_metadata(jdir / name).num_rows for name in names)
@@ -169,10 +135,7 @@ def test_a_loop_killed_mid_run_is_one_clear_error_and_rerun_resumes(tmp_path: Pa
         assert proc.returncode == 2, err
         lines = err.decode().strip().splitlines()
         assert len(lines) == 1 and "a fetch loop process died" in lines[0], lines
-        gone_by = time.monotonic() + 15  # the other loop and every image worker stop too
-        while time.monotonic() < gone_by and _group_alive(proc.pid):
-            time.sleep(0.1)
-        assert not _group_alive(proc.pid)
+        assert group_gone(proc.pid, 15), "the other loop and every image worker stop too"
         code, _, err = cli(str(src), "--root", str(root), "--loops", "2", "--workers", "2", *FAST)
         assert code == 0, err
     got = rows(root)

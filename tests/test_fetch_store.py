@@ -6,11 +6,6 @@ server, one of them killed with SIGKILL while shards are being sealed.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +17,7 @@ from imatdata.manifest import RAW_SCHEMA, ShardWriter, list_shards, read_table, 
 from imatdata.sample import big_catalogue, serve_in_thread, write_lists
 from imatdata.sources import Record, invalid_key, record_key
 
-from test_fetch import _group_alive, fetch_lib
+from test_fetch import fetch_lib, kill_fetch, spawn_fetch, wait_while_running
 
 SPLIT = "train"
 
@@ -142,29 +137,11 @@ def test_kill_9_while_sealing_then_rerun_keeps_one_row_per_record(tmp_path: Path
     root = tmp_path / "m"
     with serve_in_thread(cat) as srv:
         src = write_lists(cat, srv, tmp_path)["train"]
-        code = (
-            "from imatdata.fetch import FetchOptions, run_fetch\n"
-            "from imatdata.download import NetConfig\n"
-            "if __name__ == '__main__':\n"
-            f"    run_fetch(FetchOptions([{str(src)!r}], root={str(root)!r}, quiet=True, workers=1, pending=8,"
-            " journal_rows=8, journal_seconds=0.05, shard_rows=40, seal_seconds=0.01, stats=False,"
-            " net=NetConfig(concurrency=4, allow_nets=('127.0.0.0/8',))))\n")
-        proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = spawn_fetch(src, root, workers=1, pending=8, journal_rows=8, journal_seconds=0.05, shard_rows=40,
+                           seal_seconds=0.01)
         folder = split_dir(root, "raw", SPLIT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(list_shards(folder)) >= 3:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "fetch finished before it could be killed: " + proc.stderr.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        gone_by = time.monotonic() + 10
-        while time.monotonic() < gone_by and _group_alive(proc.pid):
-            time.sleep(0.1)
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+        wait_while_running(proc, lambda: len(list_shards(folder)) >= 3)
+        kill_fetch(proc)
         stored = set()
         for path in list_shards(folder) + journal_files(root, SPLIT):
             stored.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
