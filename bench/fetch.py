@@ -4,8 +4,9 @@ Throughput (default): N URLs of realistic photos (600-900 px JPEGs, 60-200 KB, f
 `sample.photo_corpus`), resized to --max-side 512, measured three ways:
 
   * the machine's ceiling: cores x the single-core rate of the image work alone
-    (decode + resize + encode + sha256, no network), measured here first, and the same
-    work run on all cores at once (what the cores really deliver together);
+    (decode + resize + encode + sha256, no network), and the same work run on all cores at
+    once (what the cores really deliver together), both measured before and after the
+    downloaders (a shared VM's cores drift) and averaged;
   * `imatdata fetch` (the real CLI, in a subprocess);
   * a naive thread-pool downloader, the usual Kaggle script: urllib + PIL + save to files;
   * img2dataset, when given (`--img2dataset PATH` to its executable, or found on PATH): one
@@ -339,6 +340,19 @@ def run_img2dataset(exe: str, list_path: Path, out: Path, processes: int, thread
     return {"wall": wall, "cpu": children_cpu_s() - cpu0, "ok": ok}
 
 
+def measure_ceiling(bodies: list[bytes], cores: int, args: argparse.Namespace, when: str) -> tuple[float, float, float]:
+    """(ceiling images/s, CPU ms per image on one core, images/s with all cores at once), printed."""
+    wall_rate, cpu_rate = single_core_rate(bodies, args.ceiling_seconds, args.max_side, args.resize_filter)
+    ceiling, work_ms = cores * cpu_rate, 1000 / cpu_rate
+    print(f"[{when}] image work alone (decode + {args.resize_filter} resize + encode + sha256): {work_ms:.1f} ms "
+          f"of CPU per image, {cpu_rate:.1f} images/s per core ({wall_rate:.1f} by the wall clock) -> ceiling "
+          f"{ceiling:.1f} images/s on {cores} cores")
+    together = all_cores_rate(cores, args.ceiling_seconds, args.max_side, args.resize_filter)
+    print(f"[{when}] the same work on all {cores} cores at once, nothing else running: {together:.1f} images/s "
+          f"= {100 * together / ceiling:.1f}% of the ceiling (the most any downloader can reach here)")
+    return ceiling, work_ms, together
+
+
 def throughput(args: argparse.Namespace) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="imat-bench-fetch-"))
@@ -347,15 +361,7 @@ def throughput(args: argparse.Namespace) -> None:
         sizes = sorted(len(b) for b in bodies)
         print(f"corpus: {args.n} URLs over 48 distinct photos, {sizes[0] // 1000}-{sizes[-1] // 1000} KB, "
               f"median {sizes[len(sizes) // 2] // 1000} KB; {cores} cores")
-        wall_rate, cpu_rate = single_core_rate(bodies, args.ceiling_seconds, args.max_side, args.resize_filter)
-        ceiling = cores * cpu_rate
-        work_ms = 1000 / cpu_rate
-        print(f"image work alone (decode + {args.resize_filter} resize + encode + sha256): {work_ms:.1f} ms of CPU per image, "
-              f"{cpu_rate:.1f} images/s per core ({wall_rate:.1f} by the wall clock on this busy machine) "
-              f"-> ceiling {ceiling:.1f} images/s on {cores} cores")
-        together = all_cores_rate(cores, args.ceiling_seconds, args.max_side, args.resize_filter)
-        print(f"the same work on all {cores} cores at once, nothing else running: {together:.1f} images/s "
-              f"= {100 * together / ceiling:.1f}% of the ceiling (the most any downloader can reach here)")
+        ceiling, work_ms, together = measure_ceiling(bodies, cores, args, "before the runs")
         server = Server("photos", args.n)
         try:
             lists = write_lists(_ListCatalogue(args.n), server, work / "lists")
@@ -385,6 +391,12 @@ def throughput(args: argparse.Namespace) -> None:
                 print("img2dataset: not found (pass --img2dataset PATH); not compared")
         finally:
             server.close()
+        # On a shared VM the cores' speed drifts over minutes (one core alone runs faster when
+        # its sibling idles); measuring again after the runs shows by how much, and the
+        # ratios use the mean of both measurements.
+        after = measure_ceiling(bodies, cores, args, "after the runs")
+        ceiling, work_ms, together = ((a + b) / 2 for a, b in zip((ceiling, work_ms, together), after))
+        print(f"ratios below use the mean: ceiling {ceiling:.1f} images/s, all cores at once {together:.1f}")
         print()
         print(f"{'downloader':38} {'ok':>6} {'wall s':>7} {'img/s':>7} {'imat x':>6} {'% ceil':>7} {'% all-core':>10} "
               f"{'CPU ms/img':>10} {'CPU-bound % ceil':>16} {'server CPU ms/img':>17}")
