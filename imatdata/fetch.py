@@ -265,7 +265,7 @@ def seal_journal(root: Path, split: str, shard_rows: int, stop: threading.Event 
         else:
             with pq.ParquetFile(path) as pf:
                 n = pf.metadata.num_rows
-        if take and rows + n > shard_rows:
+        if rows and rows + n > shard_rows:
             break
         take.append(path)
         rows += n

@@ -153,3 +153,13 @@ def test_kill_9_while_sealing_then_rerun_keeps_one_row_per_record(tmp_path: Path
     assert len(got) == n and len(set(got)) == n
     assert second_run == n - len(stored), "every stored row was kept, every lost one fetched again"
     assert journal_files(root, SPLIT) == []
+
+
+def test_a_journal_file_larger_than_a_shard_is_sealed_behind_carried_invalid_rows(tmp_path: Path) -> None:
+    _journal(tmp_path, "1-00000001-i", [_row(i, invalid=True) for i in range(3)])
+    _journal(tmp_path, "1-00000002", [_row(i) for i in range(3, 33)])
+    _journal(tmp_path, "1-00000003", [_row(i) for i in range(33, 36)])
+    shard = seal_journal(tmp_path, SPLIT, shard_rows=20)
+    assert shard is not None and pq.read_metadata(shard).num_rows == 30
+    assert [p.name for p in journal_files(tmp_path, SPLIT)] == ["j-1-00000002-i.parquet", "j-1-00000003.parquet"]
+    assert pq.read_metadata(journal_files(tmp_path, SPLIT)[0]).num_rows == 3
