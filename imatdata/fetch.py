@@ -289,10 +289,12 @@ def seal_journal(root: Path, split: str, shard_rows: int, stop: threading.Event 
         writer.abort()
         raise
     carried = pa.Table.from_batches(invalid, schema=JOURNAL_SCHEMA)
+    carry = take[-1].with_name(take[-1].stem + _CARRIED + ".parquet")  # sorts just before take[-1]
     if carried.num_rows:
-        write_table_atomic(carried, take[-1].with_name(take[-1].stem + _CARRIED + ".parquet"), compression="none")
+        write_table_atomic(carried, carry, compression="none")
     for path in take:
-        path.unlink(missing_ok=True)
+        if path != carry or not carried.num_rows:  # an older carry of that name was just replaced
+            path.unlink(missing_ok=True)
     fsync_dir(take[0].parent)
     return shards[0] if shards else None
 

@@ -163,3 +163,14 @@ def test_a_journal_file_larger_than_a_shard_is_sealed_behind_carried_invalid_row
     assert shard is not None and pq.read_metadata(shard).num_rows == 30
     assert [p.name for p in journal_files(tmp_path, SPLIT)] == ["j-1-00000002-i.parquet", "j-1-00000003.parquet"]
     assert pq.read_metadata(journal_files(tmp_path, SPLIT)[0]).num_rows == 3
+
+
+def test_a_seal_after_a_crash_between_carry_and_cleanup_keeps_the_invalid_rows(tmp_path: Path) -> None:
+    # A crash left both a journal file and the carry made from it (its invalid rows twice).
+    _journal(tmp_path, "1-00000001-i", [_row(0, invalid=True)])
+    _journal(tmp_path, "1-00000001", [_row(0, invalid=True)] + [_row(i) for i in range(1, 12)])
+    _journal(tmp_path, "1-00000002", [_row(i) for i in range(12, 24)])
+    assert seal_journal(tmp_path, SPLIT, shard_rows=15) is not None
+    left = journal_files(tmp_path, SPLIT)
+    assert [p.name for p in left] == ["j-1-00000001-i.parquet", "j-1-00000002.parquet"]
+    assert pq.read_table(left[0]).column("id").to_pylist() == ["id0000", "id0000"]
