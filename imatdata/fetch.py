@@ -531,7 +531,7 @@ class _RunLock:
 
 
 def run_fetch(opts: FetchOptions) -> FetchSummary:
-    """Validate, fetch what is missing, rebuild raw/ shards, write summary and stats."""
+    """Validate, fetch what is missing, settle raw/ shards, write summary and stats."""
     root = resolve_root(opts.root)
     started = time.monotonic()
     # Validation comes first and writes nothing: a bad list leaves the disk as it was.
@@ -556,7 +556,7 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
                 fetcher_stats = asyncio.run(_fetch_all(opts, root, sources, scan, done, journal, counters,
                                                        total - already))
         if opts.stats:
-            _preload("imatdata.plots")  # ~1 s of matplotlib import, hidden behind the rebuild
+            _preload("imatdata.plots")  # ~1 s of matplotlib import, hidden behind the settle
         splits, shards, dropped = {}, {}, 0
         for split, wanted in scan.split_keys.items():
             counts, paths, extra = finalize_split(root, split, wanted, opts.shard_rows)
@@ -579,7 +579,7 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
 
 
 def _preload(module: str) -> threading.Thread:
-    """Import `module` on a thread now, so a later import finds it done. The shard rebuild
+    """Import `module` on a thread now, so a later import finds it done. Settling the shards
     runs mostly in Arrow's C++ code without the GIL and leaves a core idle; an import there
     costs no wall time. A failed import is left for the real one to report."""
     def load() -> None:
