@@ -11,185 +11,39 @@ import copy
 import io
 import json
 import math
-import os
-import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from imatdata.errors import UserError
-from imatdata.manifest import list_shards, resolve_root, write_bytes_atomic
+from imatdata.manifest import write_bytes_atomic
 from imattrain import distributed as D
-from imattrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, unwrap
+from imattrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from imattrain.config import TrainConfig, to_toml
-from imattrain.data import (
-    SplitIndex,
-    build_loader,
-    gpu_decode_batch,
-    infer_num_classes,
-    scan_split,
-    validate_labels,
+from imattrain.data import gpu_decode_batch
+from imattrain.runtime import (
+    Console,
+    EpochProgress,
+    ModelEma,
+    cpu_threads,
+    evaluate,
+    forward_backward,
+    grad_scaler,
+    optimizer_step,
+    resolve_device,
+    unwrap,
 )
-from imattrain.models import build_model
 from imattrain.schedules import build_scheduler, sgdr_cycle_ends
-from imattrain.transforms import build_eval_transform, build_gpu_train_transform, build_train_transform
+from imattrain.setup import Session
+from imattrain.transforms import build_gpu_train_transform
 
 SYNC_EVERY = 20  # optimiser steps between host syncs (loss display, non-finite check)
-
-
-# --- building blocks (also used by eval / predict / lr-find) ----------------------------------
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD or AdamW; no weight decay on norm layers and biases (1-d parameters)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-    raise UserError(f"unknown --optimizer {cfg.optimizer!r}")
-
-
-def build_model_and_loss(cfg: TrainConfig, num_classes: int,
-                         class_counts: np.ndarray) -> tuple[nn.Module, nn.Module]:
-    """The network and the training loss for a config.
-
-    The one place where model/loss variants are composed (base loss from
-    `imattrain.losses`; the hierarchy heads and loss are added here when `cfg.tree` is set).
-    """
-    from imattrain.losses import build_loss
-
-    model = build_model(cfg.model, num_classes, cfg.pretrained)
-    loss_fn = build_loss(cfg, np.asarray(class_counts))
-    if cfg.tree:
-        from imattrain.hierarchy import HierarchicalLoss, HierarchicalModel
-
-        model = HierarchicalModel(model, num_classes, cfg.tree)
-        loss_fn = HierarchicalLoss(loss_fn, model.level_targets, cfg.hier_weight)
-    return model, loss_fn
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None for full precision; 'auto' is bf16 on CUDA and off on CPU (slower there)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def fine_logits(output: Any) -> torch.Tensor:
-    """Class logits from a model output (a tensor, or a (logits, extras) tuple)."""
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    if isinstance(output, dict):
-        return output["logits"]
-    return output
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: str | torch.dtype | None,
-             *, num_classes: int | None = None, channels_last: bool = False) -> dict[str, Any]:
-    """Top-1/3/5, cross-entropy and per-class accuracy over a loader (summed over DDP ranks).
-
-    Rows with label -1 or without an image are ignored. `amp`: 'auto'/'none'/'bf16'/'fp16'
-    or a dtype. Returns top1, top3, top5, top3_err, loss, count, per_class_acc (None where a
-    class has no images) and per_class_count.
-    """
-    dtype = amp if isinstance(amp, torch.dtype) or amp is None else autocast_dtype(amp, device)
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, n, c1, c3, c5
-    per_correct = per_total = None
-    if num_classes is not None:
-        per_correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
-        per_total = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    for batch in loader:
-        labels = batch["label"]
-        keep = (labels >= 0) & batch.get("has_image", torch.ones_like(labels, dtype=torch.bool))
-        if not bool(keep.any()):
-            continue
-        images = batch["image"][keep].to(device, non_blocking=True)
-        labels = labels[keep].to(device, non_blocking=True)
-        if channels_last and images.ndim == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = fine_logits(model(images)).float()
-        if per_correct is None:
-            num_classes = logits.shape[1]
-            per_correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
-            per_total = torch.zeros(num_classes, dtype=torch.float64, device=device)
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == labels[:, None]
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += labels.numel()
-        sums[2] += hit[:, :1].any(1).sum()
-        sums[3] += hit[:, :3].any(1).sum()
-        sums[4] += hit[:, :5].any(1).sum()
-        per_total.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-        per_correct.index_add_(0, labels, hit[:, 0].double())
-    sums = D.all_sum_tensor(sums)
-    if per_correct is not None:
-        per_correct, per_total = D.all_sum_tensor(per_correct), D.all_sum_tensor(per_total)
-    model.train(was_training)
-    n = float(sums[1])
-    if n == 0:
-        raise UserError("no labelled images to evaluate: check --val-split and --data")
-    totals = per_total.cpu().tolist() if per_total is not None else []
-    correct = per_correct.cpu().tolist() if per_correct is not None else []
-    top3 = float(sums[3]) / n
-    return {
-        "top1": float(sums[2]) / n, "top3": top3, "top5": float(sums[4]) / n,
-        "top3_err": 1.0 - top3, "loss": float(sums[0]) / n, "count": int(n),
-        "per_class_acc": [c / t if t else None for c, t in zip(correct, totals)],
-        "per_class_count": [int(t) for t in totals],
-    }
-
-
-class ModelEma:
-    """Exponential moving average of the weights (and float buffers), as timm's ModelEmaV2,
-    with a warm-up so short runs are not dominated by the random init."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(unwrap(model)).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-        self.decay = decay
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        src = unwrap(model).state_dict()
-        floats_e, floats_m = [], []
-        for name, e in self.module.state_dict().items():
-            m = src[name]
-            if e.dtype.is_floating_point:
-                floats_e.append(e)
-                floats_m.append(m.detach())
-            else:
-                e.copy_(m)
-        torch._foreach_lerp_(floats_e, floats_m, 1.0 - d)
-
-
-# --- the run ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -247,10 +101,6 @@ class EpochStats:
     wait_time: float = 0.0
 
 
-def resolve_data_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.data) if cfg.data else resolve_root(cfg.root) / "clean"
-
-
 def _default_out(cfg: TrainConfig, world: D.World) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     name = [f"runs/{cfg.model}-{stamp}"]
@@ -261,26 +111,14 @@ def _default_out(cfg: TrainConfig, world: D.World) -> Path:
     return Path(name[0])
 
 
-class Console:
-    """Rank-0, quiet-aware printing to stderr (stdout stays clean for scripts)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __call__(self, msg: str) -> None:
-        if self.enabled:
-            print(msg, file=sys.stderr, flush=True)
-
-
 def train(cfg: TrainConfig) -> RunResult:
     """Run (or resume) training as configured; under torchrun, every rank calls this."""
     world = D.env_world()
-    device = D.resolve_device(cfg.device, world)
+    device = resolve_device(cfg.device, world)
+    if cfg.gpu_decode and device.type != "cuda":
+        raise UserError("--gpu-decode needs a CUDA device; drop the flag on this machine")
     if device.type == "cpu":
-        # Oversubscribed OpenMP threads spin against the loader workers (and other ranks):
-        # on a busy 2-core machine that is 10-20x slower than one thread.
-        per_rank = max(1, (os.cpu_count() or 1) // world.world_size - cfg.workers)
-        torch.set_num_threads(cfg.threads or per_rank)
+        torch.set_num_threads(cpu_threads(cfg.threads, cfg.workers, world.world_size))
     else:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels
         torch.set_float32_matmul_precision("high")
@@ -292,77 +130,32 @@ def train(cfg: TrainConfig) -> RunResult:
 
 
 class _Trainer:
+    """One run: the session's data, model and optimiser, plus what only a run has (schedule,
+    loss scaler, EMA, run folder, best-so-far) and its loop."""
+
     def __init__(self, cfg: TrainConfig, world: D.World, device: torch.device) -> None:
-        self.cfg = cfg
-        self.world = world
-        self.device = device
+        self.cfg, self.world, self.device = cfg, world, device
         self.say = Console(world.is_main and not cfg.quiet)
-
-    # set-up
-
-    def _setup_data(self) -> None:
-        cfg = self.cfg
-        self.data_dir = resolve_data_dir(cfg)
-        self.train_index = scan_split(self.data_dir, cfg.train_split)
-        self.val_index: SplitIndex | None = None
-        if cfg.val_split:
-            if list_shards(self.data_dir / cfg.val_split):
-                self.val_index = scan_split(self.data_dir, cfg.val_split)
-            else:
-                self.say(f"note: no {cfg.val_split!r} split under {self.data_dir}; "
-                         f"training without validation (no best.pt)")
-        indexes = [ix for ix in (self.train_index, self.val_index) if ix is not None]
-        self.num_classes = cfg.num_classes or infer_num_classes(*indexes)
-        validate_labels(self.train_index, self.num_classes, cfg.train_split)
-        if self.val_index is not None:
-            validate_labels(self.val_index, self.num_classes, cfg.val_split)
-        self.class_counts = self.train_index.class_counts(self.num_classes)
-        missing = int((~self.train_index.usable).sum())
-        if missing:
-            self.say(f"note: {missing} train rows have no usable image (status != ok); skipped")
-        repeat = None
-        if cfg.sampler != "instance":
-            from imattrain.sampling import class_repeat_factors
-
-            repeat = class_repeat_factors(self.class_counts, cfg.sampler)
-        self.repeat_factors = repeat
-        if cfg.gpu_decode and self.device.type != "cuda":
-            raise UserError("--gpu-decode needs a CUDA device; drop the flag on this machine")
+        s = self.session = Session.from_config(cfg, world, device, self.say)
+        self.model, self.loss_fn, self.optimizer, self.dtype = s.model, s.loss_fn, s.optimizer, s.dtype
+        self.num_classes, self.class_counts = s.num_classes, s.class_counts
         self.gpu_transform = build_gpu_train_transform(cfg) if cfg.gpu_decode else None
-        self.train_loader = build_loader(
-            self.data_dir, cfg.train_split, transform=None if cfg.gpu_decode else
-            build_train_transform(cfg), batch_size=cfg.batch_size, workers=cfg.workers,
-            train=True, seed=cfg.seed, repeat_factors=repeat, rank=self.world.rank,
-            world_size=self.world.world_size, index=self.train_index, raw_bytes=cfg.gpu_decode,
-            prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer)
+        self.train_loader = s.train_loader(gpu_decode=cfg.gpu_decode)
+        self.val_loader = s.val_loader()
         self.batches_per_epoch = len(self.train_loader.dataset)
-        if self.batches_per_epoch == 0:
-            raise UserError(f"split {cfg.train_split!r} has no usable images to train on")
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
-        self.val_loader = None
-        if self.val_index is not None:
-            self.val_loader = build_loader(
-                self.data_dir, cfg.val_split,
-                transform=build_eval_transform(cfg.image_size, cfg.resolved_eval_resize),
-                batch_size=cfg.batch_size, workers=cfg.workers, train=False,
-                rank=self.world.rank, world_size=self.world.world_size, index=self.val_index,
-                prefetch=cfg.prefetch, persistent_workers=True)
-
-    def _setup_model(self) -> None:
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        model, loss_fn = build_model_and_loss(cfg, self.num_classes, self.class_counts)
-        model.to(self.device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.loss_fn = loss_fn.to(self.device)
-        self.ema = ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.optimizer = build_optimizer(cfg, model)
+        self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
-        self.dtype = autocast_dtype(cfg.amp, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.scaler = grad_scaler(self.dtype)
         self.cycle_ends = sgdr_cycle_ends(cfg, self.steps_per_epoch)
+        out = Path(cfg.out) if cfg.out else None
+        if cfg.resume and out is None:
+            raise UserError("--resume needs --out RUN_DIR (the run to continue)")
+        self.paths = RunPaths(out or _default_out(cfg, world))
+        self.step, self.best, self.best_loss = 0, None, float("inf")
+        self.last_val: dict[str, float] | None = None
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.history: list[dict[str, Any]] = []
 
     def _wrap(self) -> nn.Module:
         net: nn.Module = self.model
@@ -479,15 +272,6 @@ class _Trainer:
 
     def run(self) -> RunResult:
         cfg = self.cfg
-        self._setup_data()
-        self._setup_model()
-        out = Path(cfg.out) if cfg.out else None
-        if cfg.resume and out is None:
-            raise UserError("--resume needs --out RUN_DIR (the run to continue)")
-        self.paths = RunPaths(out or _default_out(cfg, self.world))
-        self.step, self.best, self.best_loss, self.last_val = 0, None, float("inf"), None
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.history: list[dict[str, Any]] = []
         start_epoch, start_samples, stats = 0, 0, EpochStats()
         if cfg.resume:
             if not self.paths.last.is_file():
@@ -510,9 +294,7 @@ class _Trainer:
                 break
         # --- two-stage classifier re-training (tricks) ---
         if cfg.two_stage and not stopped:
-            from imattrain.two_stage import run_after_training
-
-            run_after_training(self)
+            self._two_stage()
         if self.world.is_main and not stopped:
             self.say(f"done: {self.paths.out} (best val top-3 error "
                      f"{'n/a' if self.best is None else f'{self.best:.4f}'})")
@@ -547,8 +329,8 @@ class _Trainer:
         net.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         shown_loss = float("nan")
-        progress = _progress(self.world.is_main and not cfg.quiet, epoch, cfg.epochs,
-                             self.batches_per_epoch, first_batch)
+        progress = EpochProgress(self.world.is_main and not cfg.quiet, epoch, cfg.epochs,
+                                 self.batches_per_epoch, first_batch)
         tick = time.perf_counter()
         it = iter(self.train_loader)
         j = first_batch - 1
@@ -573,13 +355,9 @@ class _Trainer:
             last_shape = tuple(x.shape)
             boundary = (j + 1) % accum == 0 or j + 1 == self.batches_per_epoch
             sync = self.world.distributed and not boundary
-            with (net.no_sync() if sync and hasattr(net, "no_sync") else _null()):
-                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
-                                    enabled=self.dtype is not None):
-                    out = net(x)
-                    loss = self.loss_fn(out, y)
-                self.scaler.scale(loss * (weight / accum)).backward()
-            detached = loss.detach().double()
+            with net.no_sync() if sync and hasattr(net, "no_sync") else nullcontext():
+                detached = forward_backward(net, self.loss_fn, x, y, self.dtype, self.scaler,
+                                            weight / accum).double()
             self.nonfinite |= ~torch.isfinite(detached)
             n = int(y.numel()) if weight else 0
             loss_sum += detached * n
@@ -621,16 +399,57 @@ class _Trainer:
         return bool(cfg.max_steps and self.step >= cfg.max_steps and epoch + 1 < cfg.epochs)
 
     def _optimizer_step(self) -> None:
-        if self.cfg.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer_step(self.optimizer, self.scaler, self.cfg.clip_grad)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
+
+    def _two_stage(self) -> None:
+        """Re-train the classifier (`--two-stage`) and write `checkpoints/two_stage.pt` plus
+        metrics records with phase "two_stage".
+
+        Works on a copy of the weights that eval/predict would use (the EMA when there is
+        one), so `last.pt`/`best.pt` keep describing the main run.
+        """
+        from imattrain.two_stage import retrain_classifier
+
+        cfg = self.cfg
+        source = self.ema.module if self.ema is not None else self.model
+        model = copy.deepcopy(unwrap(source)).to(self.device)
+        self.say(f"two-stage: re-training the classifier for {cfg.two_stage_epochs} epoch(s) on "
+                 f"class-balanced batches, backbone frozen")
+
+        def on_epoch_end(epoch: int, record: dict[str, Any]) -> None:
+            row: dict[str, Any] = {"epoch": cfg.epochs + epoch + 1, "phase": "two_stage",
+                                   "train_loss": record["loss"], "lr": record["lr"]}
+            if self.val_loader is not None:
+                row.update(_val_fields(evaluate(model, self.val_loader, self.device, self.dtype,
+                                                num_classes=self.num_classes,
+                                                channels_last=cfg.channels_last)))
+            self._append_metrics(row)
+            shown = f" | val top-1 {row['top1']:.3f} top-3 {row['top3']:.3f}" if "top1" in row else ""
+            self.say(f"two-stage epoch {epoch + 1}/{cfg.two_stage_epochs} | "
+                     f"loss {record['loss']:.4f}{shown}")
+
+        s = self.session
+        result = retrain_classifier(cfg, model, data_dir=s.data_dir, class_counts=s.class_counts,
+                                    num_classes=s.num_classes, device=self.device,
+                                    rank=self.world.rank, world_size=self.world.world_size,
+                                    index=s.train_index, autocast_dtype=self.dtype,
+                                    on_epoch_end=on_epoch_end)
+        if not self.world.is_main:
+            return
+        state = self._state(cfg.epochs, 0, EpochStats())
+        last = self.history[-1] if self.history else {}
+        state.update(model=model.state_dict(), ema=None, optimizer=None, scheduler=None,
+                     two_stage={"epochs": cfg.two_stage_epochs, "steps": result.steps,
+                                "history": result.history},
+                     metrics={k: last[k] for k in ("top1", "top3", "top5", "top3_err", "val_loss")
+                              if k in last} or None)
+        path = self.paths.checkpoints / "two_stage.pt"
+        save_checkpoint(state, path)
+        self.say(f"two-stage: wrote {path}")
 
     def _end_epoch(self, epoch: int, stats: EpochStats) -> None:
         cfg = self.cfg
@@ -652,8 +471,7 @@ class _Trainer:
         if validate:
             m = evaluate(unwrap(self.model), self.val_loader, self.device, self.dtype,
                          num_classes=self.num_classes, channels_last=cfg.channels_last)
-            record.update(val_loss=m["loss"], top1=m["top1"], top3=m["top3"], top5=m["top5"],
-                          top3_err=m["top3_err"], val_images=m["count"])
+            record.update(_val_fields(m))
             chosen = m
             if self.ema is not None:
                 e = evaluate(self.ema.module, self.val_loader, self.device, self.dtype,
@@ -679,48 +497,10 @@ class _Trainer:
         self.say(" | ".join(parts))
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-class _Progress:
-    """A rich progress bar for one epoch (a no-op when quiet or not rank 0)."""
-
-    def __init__(self, enabled: bool, epoch: int, epochs: int, total: int, done: int) -> None:
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console as RichConsole
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.bar = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(),
-                            MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=RichConsole(stderr=True), transient=True)
-        if not self.bar.console.is_terminal:
-            self.bar = None  # logs and pipes get the one-line epoch summaries only
-            return
-        self.task = self.bar.add_task("train", total=total, completed=done, loss="…")
-        self.bar.start()
-
-    def advance(self, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1,
-                            loss="…" if math.isnan(loss) else f"{loss:.4f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
-def _progress(enabled: bool, epoch: int, epochs: int, total: int, done: int) -> _Progress:
-    return _Progress(enabled, epoch, epochs, total, done)
+def _val_fields(m: dict[str, Any]) -> dict[str, Any]:
+    """The validation figures a metrics.jsonl record carries."""
+    return {"val_loss": m["loss"], "top1": m["top1"], "top3": m["top3"], "top5": m["top5"],
+            "top3_err": m["top3_err"], "val_images": m["count"]}
 
 
 def write_curves(history: list[dict[str, Any]], path: Path) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from imatdata.errors import UserError
 from imatdata.tree import ProductTree
-from imattrain.checkpoint import unwrap
+from imattrain.runtime import unwrap
 
 LEVELS = (1, 2, 3)
 IGNORE_INDEX = -1
@@ -128,11 +128,6 @@ class HierarchicalModel(nn.Module):
         if not self.training:
             return leaf
         return leaf, [h(features) for h in self.level_heads]
-
-
-def leaf_logits(output: torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
-    """Leaf logits from any model output (plain tensor or a hierarchical training tuple)."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 def rebuild_from_state_dict(model: nn.Module, num_classes: int, state_dict: dict) -> nn.Module:

@@ -31,6 +31,8 @@ from torch import nn
 
 from imatdata.errors import UserError
 from imatdata.manifest import write_bytes_atomic
+from imattrain import distributed as D
+from imattrain.runtime import forward_backward, grad_scaler, optimizer_step, resolve_device, to_device
 
 
 @dataclass
@@ -106,29 +108,23 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: n
     optim_state = copy.deepcopy(optimizer.state_dict())
     was_training = model.training
     result = LRFindResult()
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    scaler = grad_scaler(autocast_dtype)
     avg, best = 0.0, math.inf
     batches = _cycle(make_batches)
     try:
         model.train()
+        optimizer.zero_grad(set_to_none=True)
         for i, lr in enumerate(schedule):
             for group in optimizer.param_groups:
                 group["lr"] = float(lr)
-            optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(max(1, accumulate)):
                 images, labels = next(batches)
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                labels = labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    loss = loss_fn(model(images), labels) / max(1, accumulate)
-                scaler.scale(loss).backward()
-                total += float(loss.detach())
-            scaler.step(optimizer)
-            scaler.update()
+                images, labels = to_device(images, labels, device, channels_last)
+                loss = forward_backward(model, loss_fn, images, labels, autocast_dtype, scaler,
+                                        1 / max(1, accumulate))
+                total += float(loss) / max(1, accumulate)
+            optimizer_step(optimizer, scaler)
             avg = beta * avg + (1 - beta) * total
             smooth = avg / (1 - beta ** (i + 1))
             result.lrs.append(float(lr))
@@ -200,39 +196,13 @@ def run_lr_find(cfg: Any, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps
     JSON of the curve beside it."""
     import json
 
-    from imattrain.data import build_loader, infer_num_classes, scan_split, validate_labels
-    from imattrain.engine import autocast_dtype, build_model_and_loss, build_optimizer, resolve_data_dir
-    from imattrain.predict import resolve_device
-    from imattrain.sampling import class_repeat_factors
-    from imattrain.transforms import build_train_transform
+    from imattrain.setup import Session
 
     device = resolve_device(cfg.device)
-    data_dir = resolve_data_dir(cfg)
-    index = scan_split(data_dir, cfg.train_split)
-    indexes = [index]
-    if cfg.val_split and cfg.num_classes is None:
-        from imatdata.manifest import list_shards
-
-        if list_shards(data_dir / cfg.val_split):
-            indexes.append(scan_split(data_dir, cfg.val_split))
-    num_classes = cfg.num_classes or infer_num_classes(*indexes)
-    validate_labels(index, num_classes, cfg.train_split)
-    counts = index.class_counts(num_classes)
-    repeat = None if cfg.sampler == "instance" else class_repeat_factors(counts, cfg.sampler)
-    # lr-find decodes on the CPU even with --gpu-decode: a few hundred batches do not need it.
-    loader = build_loader(data_dir, cfg.train_split, transform=build_train_transform(cfg),
-                          batch_size=cfg.batch_size, workers=cfg.workers, train=True, seed=cfg.seed,
-                          repeat_factors=repeat, index=index, prefetch=cfg.prefetch,
-                          shuffle_buffer=cfg.shuffle_buffer)
-    if len(loader.dataset) == 0:
-        raise UserError(f"split {cfg.train_split!r} has no usable images to run lr-find on")
-    torch.manual_seed(cfg.seed)
-    model, loss_fn = build_model_and_loss(cfg, num_classes, counts)
-    model.to(device)
-    loss_fn.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
+    session = Session.from_config(cfg, D.World(), device)
+    # CPU decoding even with --gpu-decode: a few hundred batches do not need the GPU's.
+    loader = session.train_loader()
+    model, loss_fn, optimizer = session.model, session.loss_fn, session.optimizer
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader.dataset.set_epoch(epoch)
@@ -240,10 +210,10 @@ def run_lr_find(cfg: Any, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps
             if batch["image"].shape[0]:
                 yield batch["image"], batch["label"]
 
-    say(f"lr-find: {cfg.model}, {num_classes} classes, lr {start_lr:g} -> {end_lr:g} over {steps} steps "
+    say(f"lr-find: {cfg.model}, {session.num_classes} classes, lr {start_lr:g} -> {end_lr:g} over {steps} steps "
         f"on {device}")
     result = lr_range_test(model, optimizer, loss_fn, batches, start_lr=start_lr, end_lr=end_lr, steps=steps,
-                           device=device, autocast_dtype=autocast_dtype(cfg.amp, device),
+                           device=device, autocast_dtype=session.dtype,
                            channels_last=cfg.channels_last, accumulate=cfg.grad_accum)
     plot = Path(plot) if plot is not None else default_plot_path(cfg)
     plot_lr_find(result, plot, title=f"lr-find: {cfg.model}, batch {cfg.batch_size}, {cfg.optimizer}")

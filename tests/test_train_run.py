@@ -14,7 +14,7 @@ from imatdata.errors import UserError
 from imattrain.checkpoint import load_checkpoint, load_model
 from imattrain.cli import app
 from imattrain.data import build_loader
-from imattrain.engine import evaluate
+from imattrain.runtime import evaluate
 from imattrain.models import build_model
 from imattrain.transforms import build_eval_transform
 from train_shards import make_dataset

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from imatdata.errors import UserError
 from imattrain.cli import app
 from imattrain.config import TrainConfig, build_config, config_fields, flag_name, load_toml, to_toml
-from imattrain.engine import build_optimizer
+from imattrain.runtime import build_optimizer
 from imattrain.models import build_model
 from imattrain.schedules import build_scheduler, lr_curve, sgdr_cycle_ends
 from train_shards import make_dataset
