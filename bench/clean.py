@@ -21,7 +21,6 @@ import argparse
 import io
 import os
 import shutil
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -30,11 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from imatdata import clean as clean_mod  # noqa: E402
-from imatdata import dedup  # noqa: E402
-from imatdata.manifest import RAW_SCHEMA, ShardWriter  # noqa: E402
+from imatdata import clean as clean_mod
+from imatdata import dedup
+from imatdata.manifest import RAW_SCHEMA, ShardWriter
 
 
 def photos(n: int, seed: int) -> list[bytes]:

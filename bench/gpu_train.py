@@ -25,8 +25,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 TARGET_IPS = 2500.0
 TARGET_WAIT = 0.05
 

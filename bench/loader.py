@@ -23,7 +23,6 @@ import argparse
 import functools
 import io
 import shutil
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -35,13 +34,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from imatdata.manifest import CLEAN_SCHEMA, ShardWriter  # noqa: E402
-from imatdata.sample import photo_corpus  # noqa: E402
-from imattrain.config import TrainConfig  # noqa: E402
-from imattrain.data import ShardStream, build_loader  # noqa: E402
-from imattrain.transforms import BasicAugment, build_train_transform  # noqa: E402
+from imatdata.manifest import CLEAN_SCHEMA, ShardWriter
+from imatdata.sample import photo_corpus
+from imattrain.config import TrainConfig
+from imattrain.data import ShardStream, build_loader
+from imattrain.transforms import BasicAugment, build_train_transform
 
 CLASSES = 8
 
