@@ -12,14 +12,14 @@ import dataclasses
 import json
 import math
 import tomllib
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from imatdata import options
 from imatdata.errors import UserError
+from imatdata.options import flag_name, opt
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "sgdr", "cyclic", "onecycle", "step", "constant")
@@ -32,7 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
          group: str = "general") -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+    return opt(default, help, choices=choices, group=group)
 
 
 @dataclass
@@ -224,63 +224,18 @@ class TrainConfig:
 # --- field introspection (shared by the CLI and the TOML reader) -------------------------------
 
 
-def flag_name(field_name: str) -> str:
-    return field_name.replace("_", "-")
-
-
 def field_kind(f: dataclasses.Field[Any]) -> tuple[type, bool]:
     """(base type, optional?) of a config field: int, float, str or bool."""
-    hints = typing.get_type_hints(TrainConfig)
-    tp = hints[f.name]
-    optional = False
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(tp))
-        tp = args[0]
-    return tp, optional
+    return options.field_kind(TrainConfig, f)
 
 
 def config_fields() -> list[dataclasses.Field[Any]]:
-    return list(fields(TrainConfig))
+    return options.option_fields(TrainConfig)
 
 
 def parse_value(name: str, raw: Any, *, source: str) -> Any:
     """Convert a flag string or TOML value to the field's type, with a one-line error."""
-    by_name = {f.name: f for f in fields(TrainConfig)}
-    f = by_name[name]
-    tp, optional = field_kind(f)
-    where = f"--{flag_name(name)}" if source == "flag" else f"{source}: {name}"
-    if raw is None or (optional and isinstance(raw, str) and raw.strip().lower() in ("", "none")):
-        if optional:
-            return None
-        raise UserError(f"{where} needs a value")
-    try:
-        if tp is bool:
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if tp is int:
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError
-            return int(raw) if not isinstance(raw, str) else int(raw.strip())
-        if tp is float:
-            if isinstance(raw, bool):
-                raise ValueError
-            value = float(raw)
-            if not math.isfinite(value):
-                raise ValueError
-            return value
-        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
-            raise ValueError
-        return str(raw)
-    except (TypeError, ValueError):
-        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
-        raise UserError(f"{where} must be {kind} (got {raw!r})") from None
+    return options.parse_value(TrainConfig, name, raw, source=source)
 
 
 def load_toml(path: Path) -> dict[str, Any]:
