@@ -556,7 +556,7 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
                 fetcher_stats = asyncio.run(_fetch_all(opts, root, sources, scan, done, journal, counters,
                                                        total - already))
         if opts.stats:
-            _preload("imatdata.plots")  # ~1 s of matplotlib import, hidden behind the settle
+            _preload("imatdata.stats.plots")  # ~1 s of matplotlib import, hidden behind the settle
         splits, shards, dropped = {}, {}, 0
         for split, wanted in scan.split_keys.items():
             counts, paths, extra = finalize_split(root, split, wanted, opts.shard_rows)

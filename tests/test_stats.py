@@ -27,7 +27,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from imatdata import plots, stats
+from imatdata import stats
+from imatdata.stats import plots
 from imatdata.cli import app
 from imatdata.errors import UserError
 from imatdata.manifest import (
@@ -39,7 +40,7 @@ from imatdata.manifest import (
     write_table_atomic,
 )
 
-PACKAGED_TREE = Path(stats.__file__).parent / "data" / "product_tree.json"
+PACKAGED_TREE = Path(stats.__file__).parents[1] / "data" / "product_tree.json"
 HOSTS = ["a.example.com", "B.Example.org", "cdn.shop.net:8080", "user@img.x.io", "[2001:db8::7]"]
 DROP_MIX = ["undersized", "duplicate", "near_duplicate", "placeholder", "leak", "bad_aspect"]
 MIN_COUNT = 5

@@ -1,58 +1,5 @@
-"""`imatdata stats`: what a manifest root holds, per split, per class, per tree node and per host.
+"""The figures of `imatdata stats` and the files under `stats/` (see the package doc)."""
 
-Reads metadata columns only (never the image bytes) with pyarrow compute and numpy, so a
-million rows take seconds. `write_stats` is what `fetch` and `clean` call when they finish.
-
-Which rows count
-----------------
-*stage* is ``raw`` (``<root>/raw``) or ``clean`` (``<root>/clean``); by default ``clean`` when
-``clean/`` holds shards, else ``raw``. A *usable* row is a row of the stage with status ``ok``
-(in the clean stage: a kept row with status ok; failed test rows stay in ``clean/test``).
-Class figures count usable rows with a label. Fetch outcomes (failure statuses, hosts) come
-from ``raw/`` whenever it exists, also in the clean stage; without it, from the clean rows
-plus ``clean/dropped.parquet``, where a ``fetch_failed`` drop counts as status ``fetch_failed``.
-
-stats.json keys
----------------
-- ``version`` (1), ``generated_at`` (ISO 8601, UTC), ``root``, ``stage``, ``min_count``
-  (the threshold below which a class is called rare), ``fetch_source`` ("raw" or "clean").
-- ``totals``: ``records``, ``rows``, ``ok``, ``failed``, ``dropped`` summed over splits.
-- ``splits``: ``{split: {...}}`` with
-  - ``records``: input records (raw: rows; clean: kept rows + dropped rows of the split);
-  - ``rows``: rows in the stage's shards; ``ok``: rows with status ok (the usable rows);
-  - ``labelled``: whether the split carries labels (test does not);
-  - ``unlabelled_ok``: ok rows without a label (0 in a well-formed labelled split);
-  - ``statuses``: ``{status: rows}`` of every fetch outcome; ``failed``: rows not ok;
-    ``failures``: ``{status: rows}`` of the non-ok statuses only;
-  - ``drops``: ``{reason: rows}`` from ``clean/dropped.parquet`` (null in the raw stage);
-    ``dropped``: their sum (0 in the raw stage);
-  - ``bytes``: ``stored`` (size of the split's shard files on disk), ``images`` (bytes of the
-    image column as stored, from the Parquet footers), ``served`` (sum of ``orig_bytes`` of
-    usable rows: what was downloaded);
-  - ``sizes``: for ``width``, ``height`` (stored image), ``orig_width``, ``orig_height``,
-    ``orig_bytes`` (as served) of usable rows: ``{"count", "min", "p5", "p25", "p50",
-    "p75", "p95", "max", "mean"}`` (linear-interpolated percentiles), or null when none.
-- ``classes``: ``num_classes`` (classes with at least one usable row in any split),
-  ``per_split``: ``{split: {...}}`` for labelled splits, over classes with at least one usable
-  row in that split: ``classes``, ``images``, ``min``, ``max``, ``median``, ``mean``,
-  ``imbalance_ratio`` (max / min), ``below_min_count`` (classes under ``min_count``),
-  ``most_frequent`` / ``least_frequent`` (``[{"class", "count"}]``, top N, ties by class id),
-  ``missing_vs_train`` (train classes absent from this split; null when there is no train
-  split), ``missing_vs_tree`` (tree leaves absent; null without a tree),
-  ``unknown_to_tree`` (classes present but not in the tree; null without a tree).
-- ``hierarchy``: null without ``--tree``; else ``tree`` (its source), ``leaves``, and
-  ``level1`` / ``level2`` / ``level3``: ``{node path key: {"leaves", "counts": {split: usable
-  images}, "classes_present": {split: classes with images}}}``; path keys join the names from
-  level 1 down with "/" (``"level1_node4/level2_node5"``), since names repeat under parents.
-- ``hosts``: ``hosts`` (distinct hosts), ``hosts_with_failures``, ``min_records`` (hosts with
-  fewer rows are not ranked), ``top``: ``[{"host", "records", "failed", "failure_rate",
-  "failures": {status: rows}}]``, worst failure rate first (ties: more failures first).
-- ``files``: paths (relative to the root) of everything written under ``stats/``.
-
-Other outputs under ``<root>/stats/``: ``class_counts.csv`` (``class,level1,level2,level3``
-then one column per labelled split: usable rows of that class; every class seen in the stage,
-its drops or the tree), ``class_counts.png``, ``image_sizes.png``, ``host_failures.png``.
-"""
 
 from __future__ import annotations
 
@@ -139,6 +86,8 @@ def write_stats(root: Path, stage: str | None = None, tree: Path | None = None, 
     write_outputs(result, root)
     if not quiet:
         from rich.console import Console
+
+        from imatdata.stats.render import render
 
         render(result.data, console or Console())
     return result.data
@@ -257,7 +206,7 @@ def compute(root: Path, stage: str | None = None, tree: Path | str | ProductTree
 def write_outputs(result: StatsResult, root: Path) -> list[Path]:
     """stats.json, class_counts.csv and the PNGs under `root/stats/`, each written atomically."""
     # matplotlib is imported here, not at module level, so `compute` and the CLI start fast.
-    from imatdata import plots
+    from imatdata.stats import plots
 
     out = Path(root) / STATS_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -519,142 +468,3 @@ def _hosts(outcomes: list[pa.Table], opts: StatsOptions) -> dict[str, Any]:
                  "failure_rate": round(float(fails[h] / records[h]), 4),
                  "failures": _sorted_statuses(breakdown[int(h)])} for h in top],
     }
-
-
-# --- terminal tables -----------------------------------------------------------------------------
-
-
-def render(data: dict[str, Any], console: Any) -> None:
-    """Rich tables of a stats.json dict."""
-    from rich.table import Table
-
-    splits = data["splits"]
-    names = list(splits)
-    clean = data["stage"] == "clean"
-
-    t = Table(title=f"Splits ({data['stage']} stage, {data['root']})", title_justify="left")
-    for col in ("split", "records", "ok", "ok %", "failed", *(["dropped"] if clean else []),
-                "stored", "served"):
-        t.add_column(col, justify="left" if col == "split" else "right")
-    for s, v in splits.items():
-        t.add_row(s, _n(v["records"]), _n(v["ok"]), _pct(v["ok"], v["records"]), _n(v["failed"]),
-                  *([_n(v["dropped"])] if clean else []), _bytes(v["bytes"]["stored"]),
-                  _bytes(v["bytes"]["served"]))
-    console.print(t)
-
-    failures = _ranked({k for v in splits.values() for k in v["failures"]}, STATUSES)
-    if failures:
-        t = Table(title=f"Fetch failures by status (from {data['fetch_source']} rows)", title_justify="left")
-        t.add_column("status")
-        for s in names:
-            t.add_column(s, justify="right")
-        for status in failures:
-            t.add_row(status, *(_n(splits[s]["failures"].get(status, 0)) for s in names))
-        console.print(t)
-
-    if clean:
-        reasons = _ranked({k for v in splits.values() for k in (v["drops"] or {})}, DROP_REASONS)
-        t = Table(title="Dropped by clean, by reason", title_justify="left")
-        t.add_column("reason")
-        for s in names:
-            t.add_column(s, justify="right")
-        for reason in reasons:
-            t.add_row(reason, *(_n((splits[s]["drops"] or {}).get(reason, 0)) for s in names))
-        if reasons:
-            console.print(t)
-
-    t = Table(title="Image sizes of usable rows", title_justify="left")
-    for col in ("split", "measure", "min", "p5", "median", "p95", "max"):
-        t.add_column(col, justify="left" if col in ("split", "measure") else "right")
-    measures = (("width", "stored width"), ("height", "stored height"), ("orig_width", "served width"),
-                ("orig_height", "served height"), ("orig_bytes", "served size"))
-    for s, v in splits.items():
-        for i, (column, label) in enumerate(measures):
-            z = v["sizes"][column]
-            fmt = _bytes if column == "orig_bytes" else (lambda x: f"{x:,.0f}")
-            cells = ["–"] * 5 if z is None else [fmt(z[k]) for k in ("min", "p5", "p50", "p95", "max")]
-            t.add_row(s if i == 0 else "", label, *cells, end_section=i == len(measures) - 1)
-    console.print(t)
-
-    per_split = data["classes"]["per_split"]
-    if per_split:
-        t = Table(title=f"Images per class (usable rows; rare = under {data['min_count']})", title_justify="left")
-        for col in ("split", "classes", "min", "median", "mean", "max", "max/min", "rare",
-                    "miss/train", "miss/tree"):
-            t.add_column(col, justify="left" if col == "split" else "right")
-        for s, c in per_split.items():
-            t.add_row(s, _n(c["classes"]), _n(c["min"]), _n(c["median"]), _n(c["mean"]), _n(c["max"]),
-                      _n(c["imbalance_ratio"]), _n(c["below_min_count"]), _len(c["missing_vs_train"]),
-                      _len(c["missing_vs_tree"]))
-        console.print(t)
-        for s, c in per_split.items():
-            t = Table(title=f"Most and least frequent classes in {s}", title_justify="left")
-            for col in ("rank", "most frequent", "images", "least frequent", "images "):
-                t.add_column(col, justify="right")
-            most, least = c["most_frequent"], c["least_frequent"]
-            for i in range(max(len(most), len(least))):
-                m = most[i] if i < len(most) else None
-                l = least[i] if i < len(least) else None
-                t.add_row(str(i + 1), "" if m is None else str(m["class"]), "" if m is None else _n(m["count"]),
-                          "" if l is None else str(l["class"]), "" if l is None else _n(l["count"]))
-            console.print(t)
-
-    hierarchy = data["hierarchy"]
-    if hierarchy:
-        for level in ("level1", "level2"):
-            source = "the packaged tree" if hierarchy["tree"] == "packaged" else hierarchy["tree"]
-            t = Table(title=f"Images per {level} node: images (classes with images)",
-                      caption=f"tree: {source}", title_justify="left", caption_justify="left")
-            t.add_column("node")
-            t.add_column("leaves", justify="right")
-            for s in per_split:
-                t.add_column(s, justify="right")
-            for key, node in hierarchy[level].items():
-                t.add_row(key, _n(node["leaves"]),
-                          *(f"{_n(node['counts'][s])} ({node['classes_present'][s]})" for s in per_split))
-            console.print(t)
-
-    hosts = data["hosts"]
-    t = Table(title=f"Hosts by failure rate ({hosts['hosts_with_failures']:,} of {hosts['hosts']:,} hosts "
-                    f"had failures)", title_justify="left")
-    for col in ("host", "records", "failed", "rate", "statuses"):
-        t.add_column(col, justify="left" if col in ("host", "statuses") else "right")
-    for h in hosts["top"]:
-        t.add_row(h["host"], _n(h["records"]), _n(h["failed"]), f"{100 * h['failure_rate']:.1f}%",
-                  _top_statuses(h["failures"]))
-    if hosts["top"]:
-        console.print(t)
-    if data["files"]:
-        folder = Path(data["root"]) / STATS_DIR
-        console.print(f"Wrote {folder}: " + ", ".join(Path(f).name for f in data["files"]))
-
-
-def _top_statuses(failures: dict[str, int], shown: int = 3) -> str:
-    ranked = sorted(failures.items(), key=lambda kv: -kv[1])
-    text = ", ".join(f"{k} {v:,}" for k, v in ranked[:shown])
-    return text + (f", +{len(ranked) - shown} more" if len(ranked) > shown else "")
-
-
-def _n(v: float | int | None) -> str:
-    if v is None:
-        return "–"
-    return f"{v:,}" if isinstance(v, int) else f"{v:,.2f}"
-
-
-def _len(v: list | None) -> str:
-    return "–" if v is None else f"{len(v):,}"
-
-
-def _pct(part: int, whole: int) -> str:
-    return "–" if not whole else f"{100 * part / whole:.1f}%"
-
-
-def _bytes(n: float | int | None) -> str:
-    if n is None:
-        return "–"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
-        value /= 1024
-    return f"{value:,.1f} TiB"
