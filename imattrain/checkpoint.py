@@ -90,7 +90,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     ckpt = load_checkpoint(path)
     state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     model = build_model(ckpt["model_name"], int(ckpt["num_classes"]), log=lambda _m: None)
-    from imattrain.hierarchy import is_hierarchical_state_dict, rebuild_from_state_dict
+    from imattrain.tricks.hierarchy import is_hierarchical_state_dict, rebuild_from_state_dict
 
     if is_hierarchical_state_dict(state):
         # The leaf -> level table is in the state dict: no tree file needed to rebuild.

@@ -115,7 +115,7 @@ class TrainConfig:
     ema_decay: float = _opt(0.0, "Keep an exponential moving average of the weights with this "
                                  "decay, e.g. 0.9998 (0: off).", group="optim")
 
-    # imbalance and hierarchy (see imattrain.losses / sampling / hierarchy / two_stage)
+    # imbalance and hierarchy (see imattrain.tricks.losses / sampling / hierarchy / two_stage)
     sampler: str = _opt("instance", "Class sampling: instance (natural), sqrt (square-root "
                                     "frequency), balanced (uniform over classes).",
                         choices=SAMPLERS, group="imbalance")

@@ -412,7 +412,7 @@ class _Trainer:
         Works on a copy of the weights that eval/predict would use (the EMA when there is
         one), so `last.pt`/`best.pt` keep describing the main run.
         """
-        from imattrain.two_stage import retrain_classifier
+        from imattrain.tricks.two_stage import retrain_classifier
 
         cfg = self.cfg
         source = self.ema.module if self.ema is not None else self.model

@@ -34,14 +34,14 @@ def build_model_and_loss(cfg: TrainConfig, num_classes: int,
     """The network and the training loss for a config.
 
     The one place where model/loss variants are composed (base loss from
-    `imattrain.losses`; the hierarchy heads and loss are added here when `cfg.tree` is set).
+    `imattrain.tricks.losses`; the hierarchy heads and loss are added here when `cfg.tree` is set).
     """
-    from imattrain.losses import build_loss
+    from imattrain.tricks.losses import build_loss
 
     model = build_model(cfg.model, num_classes, cfg.pretrained)
     loss_fn = build_loss(cfg, np.asarray(class_counts))
     if cfg.tree:
-        from imattrain.hierarchy import HierarchicalLoss, HierarchicalModel
+        from imattrain.tricks.hierarchy import HierarchicalLoss, HierarchicalModel
 
         model = HierarchicalModel(model, num_classes, cfg.tree)
         loss_fn = HierarchicalLoss(loss_fn, model.level_targets, cfg.hier_weight)
@@ -105,7 +105,7 @@ class Session:
             say(f"note: {missing} train rows have no usable image (status != ok); skipped")
         repeat = None
         if cfg.sampler != "instance":
-            from imattrain.sampling import class_repeat_factors
+            from imattrain.tricks.sampling import class_repeat_factors
 
             repeat = class_repeat_factors(counts, cfg.sampler)
         torch.manual_seed(cfg.seed)

@@ -22,7 +22,7 @@ from imattrain.data import (
     validate_labels,
     worker_rows,
 )
-from imattrain.sampling import class_repeat_factors
+from imattrain.tricks.sampling import class_repeat_factors
 from imattrain.transforms import build_eval_transform, build_train_transform
 from train_shards import make_dataset, make_rows, write_split
 

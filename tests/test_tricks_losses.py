@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from imatdata.errors import UserError
-from imattrain.losses import FocalLoss, build_loss, class_balanced_weights
-from imattrain.sampling import class_repeat_factors
+from imattrain.tricks.losses import FocalLoss, build_loss, class_balanced_weights
+from imattrain.tricks.sampling import class_repeat_factors
 
 
 def cfg(**kw):

@@ -11,14 +11,14 @@ import torchvision
 from torch import nn
 
 from imatdata.errors import UserError
-from imattrain.hierarchy import (
+from imattrain.tricks.hierarchy import (
     HierarchicalLoss,
     HierarchicalModel,
     find_classifier,
     rebuild_from_state_dict,
 )
 from imattrain.lrfind import lr_range_test, plot_lr_find, suggest
-from imattrain.two_stage import retrain_classifier
+from imattrain.tricks.two_stage import retrain_classifier
 from test_tricks_common import single_thread_torch, write_dataset
 
 COUNTS = [24, 12, 6, 4]
@@ -57,7 +57,7 @@ def test_two_stage_freezes_the_backbone(data_dir):
     assert all(p.requires_grad for p in model.parameters())  # flags restored
     # Balanced batches: the 4 classes appear about equally often in an epoch.
     from imattrain.data import build_loader
-    from imattrain.sampling import class_repeat_factors
+    from imattrain.tricks.sampling import class_repeat_factors
 
     loader = build_loader(data_dir, "train", transform=None, batch_size=8, workers=0, train=True,
                           repeat_factors=class_repeat_factors(np.array(COUNTS), "balanced"))

@@ -34,7 +34,7 @@ from torch import nn
 
 from imatdata.errors import UserError
 from imattrain import distributed as D
-from imattrain.hierarchy import classifier_parameters
+from imattrain.tricks.hierarchy import classifier_parameters
 from imattrain.runtime import (
     build_optimizer,
     fine_logits,
@@ -44,7 +44,7 @@ from imattrain.runtime import (
     to_device,
     unwrap,
 )
-from imattrain.sampling import class_repeat_factors
+from imattrain.tricks.sampling import class_repeat_factors
 
 
 @dataclass
