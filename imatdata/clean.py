@@ -65,6 +65,7 @@ import io
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 import warnings
 from collections import Counter, deque
@@ -82,10 +83,12 @@ from PIL import Image
 
 from imatdata import dedup
 from imatdata.errors import UserError
+from imatdata.imagepool import safe_path_children
 from imatdata.manifest import (
     CLEAN_SCHEMA,
     DROP_REASONS,
     DROPPED_SCHEMA,
+    RunLock,
     ShardWriter,
     list_shards,
     list_splits,
@@ -240,6 +243,12 @@ def hash_batch(images: Sequence[bytes | None], want_sha: Sequence[bool]) -> list
     return out
 
 
+def _ignore_sigint() -> None:
+    """Hashing workers leave Ctrl-C to the parent, which stops the run with one line (each
+    worker would otherwise print a KeyboardInterrupt traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # --- pass 1: per-row checks and hashes ------------------------------------------------------
 
 
@@ -382,7 +391,8 @@ def _pass1(raw: Path, splits: list[str], cfg: CleanConfig, progress: ProgressFn 
             absorb(code, g0, meta, hash_batch(images, want))
         return rows
     ctx = multiprocessing.get_context(cfg.start_method)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with safe_path_children(), ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                   initializer=_ignore_sigint) as pool:
         # Bounded: at most two batches per worker are in flight, so a million-row split
         # never has more than a few hundred images' bytes in memory.
         pending: deque[tuple[int, int, list[dict], Future[list[HashedRow]]]] = deque()
@@ -570,6 +580,15 @@ def clean(root: Path, config: CleanConfig | None = None, *, progress: ProgressFn
     if not splits:
         raise UserError(f"no raw manifest under {raw}: run `imatdata fetch` first, "
                         "or point --root (or IMAT_ROOT) at the folder that holds raw/")
+    # One clean per root at a time: a second one would delete the first's staging folder.
+    # The root folder itself is locked, so no lock file is ever left in it.
+    with RunLock(root, f"another imatdata clean is running on {root}; wait for it to finish, "
+                       "or stop it, and run clean again"):
+        return _clean_locked(root, raw, splits, cfg, progress, write_stats)
+
+
+def _clean_locked(root: Path, raw: Path, splits: list[str], cfg: CleanConfig, progress: ProgressFn | None,
+                  write_stats: bool) -> CleanResult:
     _recover(root)
     final, staging, old = _staging_paths(root)
 

@@ -31,8 +31,15 @@ def _group() -> None:
     pass
 
 
-def user_errors() -> AbstractContextManager[None]:
-    return _user_errors("imatdata", "rerun the same command to resume")
+# What Ctrl-C leaves behind, per command: fetch resumes where it stopped; clean and stats
+# start over (clean/ and stats/ files are only ever replaced whole, so nothing is half-done).
+RESUME_HINT = "rerun the same command to resume"
+CLEAN_HINT = "clean/ is only ever replaced by a complete result; run clean again to start over"
+STATS_HINT = "stats/ files are only ever replaced whole; run stats again"
+
+
+def user_errors(interrupted_hint: str = RESUME_HINT) -> AbstractContextManager[None]:
+    return _user_errors("imatdata", interrupted_hint)
 
 
 def run_command(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -54,12 +61,19 @@ def fetch(
     timeout: float = typer.Option(30.0, "--timeout", help="Deadline in seconds for each whole attempt "
                                   "(connect to last byte, redirects included)."),
     max_bytes: str = typer.Option("20MiB", "--max-bytes", help="Largest body accepted, decoded (e.g. 20MiB, 512KB)."),
+    memory: str = typer.Option("128MiB", "--memory", help="Bytes of response bodies held at once, all loops "
+                               "together (downloading, queued for or in the image workers); with their copies "
+                               "the process tree stays near 4x this plus ~200MiB. A body over it still gets "
+                               "through, one at a time. Waiting for it does not count against --timeout."),
     max_side: int = typer.Option(512, "--max-side", help="Shrink the longer side to this many pixels (0: keep size)."),
     resize_filter: str = typer.Option("area", "--resize-filter", help="Downscaling filter: area, bilinear, "
                                       "bicubic or lanczos (all antialiased; sharper and slower in that order)."),
     limit: int = typer.Option(None, "--limit", help="Take only the first N records of each source."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-attempt rows whose failure was transient "
                                       "(timeout, connection_error, HTTP 5xx/408/429)."),
+    prune: bool = typer.Option(False, "--prune", help="Delete stored rows (images included) of records these "
+                               "lists do not hold, e.g. after a smaller --limit; without it such a run stops "
+                               "(exit 2) before changing anything, saying what would go."),
     allow_private: bool = typer.Option(False, "--allow-private", help="Allow loopback/private/link-local addresses."),
     allow_net: list[str] = typer.Option(None, "--allow-net", help="Allow this otherwise refused network "
                                         "(CIDR, repeatable), e.g. 127.0.0.0/8."),
@@ -84,11 +98,13 @@ def fetch(
         from imatdata.download import DEFAULT_USER_AGENT, NetConfig
 
         net = NetConfig(concurrency=concurrency, per_host=per_host, retries=retries, timeout=timeout,
-                        max_bytes=fetch_mod.parse_size(max_bytes), allow_private=allow_private,
+                        max_bytes=fetch_mod.parse_size(max_bytes), memory=fetch_mod.parse_size(memory, "--memory"),
+                        allow_private=allow_private,
                         allow_nets=tuple(allow_net or ()), insecure=insecure, ignore_optout=ignore_optout,
                         user_agent=user_agent or DEFAULT_USER_AGENT)
         opts = fetch_mod.FetchOptions(sources=sources, root=root, split=split, net=net, max_side=max_side,
-                                      resize_filter=resize_filter, limit=limit, retry_failed=retry_failed, skip_invalid=skip_invalid,
+                                      resize_filter=resize_filter, limit=limit, retry_failed=retry_failed,
+                                      prune=prune, skip_invalid=skip_invalid,
                                       quiet=quiet, workers=workers, loops=loops)
         summary = fetch_mod.run_fetch(opts)
         if not quiet:
@@ -129,15 +145,17 @@ def clean(
         config = clean_mod.CleanConfig(min_size=min_size, max_aspect=max_aspect, dedup=dedup,
                                        hash_distance=hash_distance, placeholder_min_urls=placeholder_min_urls,
                                        placeholder_min_classes=placeholder_min_classes, workers=workers)
+        where = resolve_root(root)  # before the progress bar: a bad root is one line and nothing else
         if quiet:
-            clean_mod.clean(resolve_root(root), config)
+            clean_mod.clean(where, config)
             return
         console = Console()
         with clean_mod.RichProgress(console) as progress:
-            result = clean_mod.clean(resolve_root(root), config, progress=progress)
+            result = clean_mod.clean(where, config, progress=progress)
         clean_mod.render_report(result, console)
 
-    run_command(_run)
+    with user_errors(CLEAN_HINT):
+        _run()
 
 
 # stats --------------------------------------------------------------------------------------
@@ -171,7 +189,8 @@ def stats(
         if as_json:
             sys.stdout.write(stats_mod.dumps(data))
 
-    run_command(_run)
+    with user_errors(STATS_HINT):
+        _run()
 
 
 def main() -> None:

@@ -15,8 +15,13 @@ The run, in order:
 
 A `kill -9` at any moment loses only the requests in flight and the rows not yet flushed:
 rerunning the same command reads the journal back and continues. Memory stays flat in the
-length of the list: records stream, tasks and queued bodies are bounded, and per-record
-state is one 8-byte key in sorted numpy arrays.
+length of the list: records stream, tasks are bounded, per-record state is one 8-byte key in
+sorted numpy arrays, and the bytes of the bodies held (downloading, queued for and inside
+the image workers) are bounded by `--memory` (a `ByteBudget` per loop), not by a count.
+
+Settling keeps exactly the records of this run's lists: rows of earlier runs that they do
+not hold (another list under the same split, a smaller --limit) would go, so the run refuses
+before touching anything unless `--prune` says to delete them.
 """
 
 from __future__ import annotations
@@ -43,8 +48,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imatdata import images as imagework
-from imatdata.download import Download, Fetcher, NetConfig
-from imatdata.imagepool import ImagePool
+from imatdata.download import INVALID_URL, MIN_MEMORY, ByteBudget, Download, Fetcher, NetConfig
+from imatdata.imagepool import ImagePool, safe_path_children
 from imatdata.errors import UserError
 from imatdata.manifest import (RAW_SCHEMA, SHARD_PATTERN, STATUSES, ShardWriter, fsync_dir, list_shards,
                                remove_stale_temps, resolve_root, shard_name, split_dir, write_bytes_atomic,
@@ -71,6 +76,8 @@ class FetchOptions:
     max_side: int = 512
     limit: int | None = None
     retry_failed: bool = False
+    # Delete stored rows whose records this run's lists do not hold (else: refuse, exit 2).
+    prune: bool = False
     skip_invalid: bool = False
     quiet: bool = False
     workers: int | None = None
@@ -81,6 +88,9 @@ class FetchOptions:
     resize_filter: str = imagework.DEFAULT_RESIZE_FILTER
     journal_rows: int = 512
     journal_seconds: float = 1.0
+    # Rows waiting for the journal hold their stored images: flush before they pass this
+    # (with --max-side 0 an image may be as large as its body).
+    journal_bytes: int = 64 * 1024 * 1024
     shard_rows: int = 50_000
     seal_seconds: float = 5.0  # how often journal rows are checked for a full shard to seal
     # Records being worked on at once (waiting for a host slot, downloading, decoding).
@@ -197,7 +207,7 @@ def index_store(root: Path, split: str) -> StoreIndex:
     file_of, keys, status, transient = [], [], [], []
     for n, path in enumerate(files):
         is_journal = n >= len(shards)
-        columns = ["id", "status", "http_status"] + (["_key"] if is_journal else [])
+        columns = ["id", "status", "http_status"] + (["_key"] if is_journal else ["error"])
         try:
             with pq.ParquetFile(path) as pf:
                 # Batch by batch: a million ids never sit in memory as Python strings.
@@ -208,9 +218,12 @@ def index_store(root: Path, split: str) -> StoreIndex:
                         k = batch.column(3).to_numpy(zero_copy_only=False).astype(np.uint64)
                     else:
                         ids = batch.column(0).to_pylist()
-                        # Invalid rows are rebuilt from the input on every run: no key needed.
-                        k = np.fromiter((_NO_KEY if s == "invalid" else record_key(split, i)
-                                         for i, s in zip(ids, st)), dtype=np.uint64, count=len(ids))
+                        errors = batch.column(3).to_pylist() if "invalid" in st else [None] * len(st)
+                        # Rows of invalid input records are rebuilt from the input on every run:
+                        # no key needed. A URL the downloader could not parse was a valid record.
+                        k = np.fromiter((_NO_KEY if s == "invalid" and not (e or "").startswith(INVALID_URL)
+                                         else record_key(split, i) for i, s, e in zip(ids, st, errors)),
+                                        dtype=np.uint64, count=len(ids))
                     file_of.append(np.full(len(st), n, dtype=np.int32))
                     keys.append(k)
                     status.append(np.fromiter((_STATUS_CODE.get(s, 0) for s in st), dtype=np.uint8,
@@ -356,10 +369,11 @@ class Journal:
     crash leaves complete files only (at most the unflushed rows are lost)."""
 
     def __init__(self, root: Path, flush_rows: int, flush_seconds: float, run: str | None = None,
-                 tag: str = "") -> None:
+                 tag: str = "", flush_bytes: int = 64 * 1024 * 1024) -> None:
         self.root = root
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
+        self.flush_bytes = flush_bytes
         # Names sort in the order rows were written (newest row per record wins): the run's
         # start time, then (several loops) the loop, then a sequence number.
         self._run = run or new_run_id()
@@ -367,6 +381,7 @@ class Journal:
         self._seq = 0
         self._buffers: dict[str, list[dict[str, Any]]] = {}
         self._buffered = 0
+        self._bytes = 0  # stored images in the buffered rows
         self._last_flush = time.monotonic()
         self._lock = asyncio.Lock()
         self.rows_written = 0
@@ -374,14 +389,19 @@ class Journal:
     def add(self, split: str, row: dict[str, Any]) -> None:
         self._buffers.setdefault(split, []).append(row)
         self._buffered += 1
+        self._bytes += len(row.get("image") or b"")
 
     def due(self) -> bool:
-        return self._buffered >= self.flush_rows or (
+        return self._buffered >= self.flush_rows or self.heavy() or (
             self._buffered > 0 and time.monotonic() - self._last_flush >= self.flush_seconds)
+
+    def heavy(self) -> bool:
+        """The buffered rows hold images enough to flush now rather than at the next tick."""
+        return self._bytes >= self.flush_bytes
 
     async def flush(self) -> None:
         async with self._lock:
-            buffers, self._buffers, self._buffered = self._buffers, {}, 0
+            buffers, self._buffers, self._buffered, self._bytes = self._buffers, {}, 0, 0
             self._last_flush = time.monotonic()
             for split, rows in buffers.items():
                 if rows:
@@ -392,7 +412,7 @@ class Journal:
 
     def flush_now(self) -> None:
         """Synchronous flush for the interrupt path, when the loop is going away."""
-        buffers, self._buffers, self._buffered = self._buffers, {}, 0
+        buffers, self._buffers, self._buffered, self._bytes = self._buffers, {}, 0, 0
         for split, rows in buffers.items():
             if rows:
                 _write_journal_file(rows, self._next_path(split))
@@ -538,11 +558,14 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
     sources = resolve_sources(opts.sources, opts.split)
     scan = scan_sources(sources, limit=opts.limit, skip_invalid=opts.skip_invalid)
     with _RunLock(root / "raw" / LOCK_NAME):
+        indexes = {split: index_store(root, split) for split in scan.split_keys}
+        if not opts.prune:
+            refuse_pruning(indexes, scan.split_keys)  # before anything is fetched or written
         done: dict[str, np.ndarray] = {}
         for split, wanted in scan.split_keys.items():
             remove_stale_temps(split_dir(root, "raw", split))
             remove_stale_temps(journal_dir(root, split))
-            done[split] = done_keys(index_store(root, split), wanted, opts.retry_failed)
+            done[split] = done_keys(indexes.pop(split), wanted, opts.retry_failed)
         already = sum(int(d.size) for d in done.values())
         total = sum(int(k.size) for k in scan.split_keys.values())
         counters = Counters()
@@ -552,7 +575,7 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
             if total - already > 0 and loops > 1:
                 fetcher_stats = _fetch_parallel(opts, root, sources, scan, done, counters, total - already, loops)
             elif total - already > 0:
-                journal = Journal(root, opts.journal_rows, opts.journal_seconds)
+                journal = Journal(root, opts.journal_rows, opts.journal_seconds, flush_bytes=opts.journal_bytes)
                 fetcher_stats = asyncio.run(_fetch_all(opts, root, sources, scan, done, journal, counters,
                                                        total - already))
         if opts.stats:
@@ -578,6 +601,27 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
     return summary
 
 
+def unlisted_rows(index: StoreIndex, wanted: np.ndarray) -> tuple[int, int]:
+    """(rows, ok rows) stored for a split whose records are not in `wanted`: what settling the
+    split would delete (the newest row of each such record, as `finalize_split` counts them)."""
+    rows = index.latest()
+    gone = rows[~_member(index.keys[rows], wanted)]
+    return int(gone.size), int(np.count_nonzero(index.status[gone] == _STATUS_CODE["ok"]))
+
+
+def refuse_pruning(indexes: dict[str, StoreIndex], split_keys: dict[str, np.ndarray]) -> None:
+    """A UserError saying what would go when the store holds rows this run's lists do not."""
+    parts = []
+    for split, wanted in split_keys.items():
+        rows, ok = unlisted_rows(indexes[split], wanted)
+        if rows:
+            parts.append(f"{split}: {rows} rows ({ok} ok images)")
+    if parts:
+        raise UserError("raw/ holds rows of earlier runs whose records these lists do not have, and finishing "
+                        f"would delete them ({'; '.join(parts)}); nothing was changed. Rerun with --prune to "
+                        "delete them, or with the lists (and --limit) that fetched them to keep them")
+
+
 def _preload(module: str) -> threading.Thread:
     """Import `module` on a thread now, so a later import finds it done. Settling the shards
     runs mostly in Arrow's C++ code without the GIL and leaves a core idle; an import there
@@ -598,14 +642,20 @@ async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan
                      part: tuple[int, int] = (0, 1),
                      on_tick: Callable[[Counters], None] | None = None) -> dict[str, int]:
     """Fetch every record without a row; with `part=(k, n)`, only those whose key is k mod n."""
+    _return_freed_bodies_to_os()
     workers = opts.workers or default_workers()
     pool = ImagePool(workers, opts.max_side, opts.max_pixels, opts.resize_filter, batch=opts.image_batch)
     await pool.start()
     pending = asyncio.Semaphore(opts.pending or max(2 * opts.net.concurrency, 64))
+    # A body counts against it from before its request until its row is built, so it also
+    # bounds what the pool's queue, its sockets and the workers hold (their copies of a body
+    # come on top: see download.DEFAULT_MEMORY).
+    budget = ByteBudget(opts.net.memory)
     tasks: set[asyncio.Task[None]] = set()
     failures: list[BaseException] = []
 
     async def one(split: str, rec: Record, key: int) -> None:
+        d: Download | None = None
         try:
             d = await fetcher.fetch(rec.url or "")
             if d.status == "ok" and d.body is not None:
@@ -613,11 +663,16 @@ async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan
                 row = image_row(split, rec, key, d, res)
             else:
                 row = failure_row(split, rec, key, d)
+            d.release()  # the row is built: the body's bytes go back now, not after the flush below
             journal.add(split, row)
             counters.count(split, row["status"])
+            if journal.heavy():
+                await journal.flush()
         except Exception as exc:  # a bug, not a network problem: stop the run, keep the journal
             failures.append(exc)
         finally:
+            if d is not None:
+                d.release()
             pending.release()
 
     async def ticker(progress: Progress) -> None:
@@ -632,7 +687,7 @@ async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan
     with Progress(total, opts.quiet) as progress:
         tick = asyncio.create_task(ticker(progress))
         try:
-            async with Fetcher(opts.net) as fetcher:
+            async with Fetcher(opts.net, budget=budget) as fetcher:
                 for scanned in scan.sources:
                     src = scanned.source
                     split_done = done[src.split]
@@ -682,18 +737,38 @@ async def _fetch_all(opts: FetchOptions, root: Path, sources: list[Source], scan
             "hosts_given_up": stats.hosts_given_up, "bytes_in": stats.bytes_in}
 
 
+def _return_freed_bodies_to_os() -> None:
+    """Make glibc give a freed body's memory back to the OS at once.
+
+    glibc serves allocations above its mmap threshold with mmap (returned on free), but it
+    raises that threshold to the size of each such block freed, up to 32 MiB; after the first
+    large body, the next ones come from the heap, where freed space stays resident. Holding
+    the threshold at 1 MiB keeps large bodies in mmap, so the resident size follows the
+    bodies held (--memory) rather than the most ever held. No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD; setting it turns off the raising
+    except (OSError, AttributeError):
+        pass  # not glibc (musl has no mallopt): nothing to tune
+
+
 # --- several loops ------------------------------------------------------------------------------
 
 
 def _loop_count(opts: FetchOptions, remaining: int) -> int:
     """Loops for this run: as asked (or `default_loops`, for runs of some size), but never more
-    than there are image workers, per-host or global request slots to share out."""
+    than there are image workers, per-host or global request slots, or MiBs of --memory to
+    share out."""
     workers = opts.workers or default_workers()
     if opts.loops is not None:
         wanted = opts.loops
     else:  # not worth the processes for a small run
         wanted = min(default_loops(default_workers()), max(1, remaining // 256))
-    return max(1, min(wanted, workers, opts.net.per_host, opts.net.concurrency))
+    return max(1, min(wanted, workers, opts.net.per_host, opts.net.concurrency, opts.net.memory // MIN_MEMORY))
 
 
 def _fetch_parallel(opts: FetchOptions, root: Path, sources: list[Source], scan: ScanResult,
@@ -717,13 +792,14 @@ def _fetch_parallel(opts: FetchOptions, root: Path, sources: list[Source], scan:
     try:
         for k in range(loops):
             net = replace(opts.net, concurrency=_share(opts.net.concurrency, k, loops),
-                          per_host=_share(opts.net.per_host, k, loops))
+                          per_host=_share(opts.net.per_host, k, loops), memory=_share(opts.net.memory, k, loops))
             child = replace(opts, net=net, workers=_share(workers, k, loops), loops=1, quiet=True,
                             pending=max(1, _share(pending, k, loops)), stats=False)
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_loop_process, name=f"imatdata-fetch-loop-{k}",
                                args=(child, root, sources, scan, done, run, k, loops, shared, send, os.getpid()))
-            proc.start()
+            with safe_path_children():  # no struct.py from the working directory in a loop
+                proc.start()
             send.close()
             procs.append(proc)
             conns.append(recv)
@@ -789,7 +865,8 @@ def _loop_process(opts: FetchOptions, root: Path, sources: list[Source], scan: S
                   done: dict[str, np.ndarray], run: str, k: int, loops: int, shared: Any, conn: Any,
                   parent: int) -> None:
     """One loop's process: its share of the records, reported through `shared` and `conn`."""
-    journal = Journal(root, opts.journal_rows, opts.journal_seconds, run=run, tag=f"{k:03d}-")
+    journal = Journal(root, opts.journal_rows, opts.journal_seconds, run=run, tag=f"{k:03d}-",
+                      flush_bytes=opts.journal_bytes)
     counters = Counters()
 
     def tick(c: Counters) -> None:

@@ -14,6 +14,18 @@ restarted, those bodies are retried one by one, and a body that kills a worker a
 recorded as decode_error. A worker exits when its socket closes, which is also what
 happens when the parent dies (`kill -9` included), so no worker outlives a fetch.
 
+Memory: `images.process_image` refuses an image whose decoding would cost more than
+`max_decode_bytes` and decodes one costing over `images.HEAVY_DECODE_BYTES` only while
+holding the pool's heavy slot: a POSIX record lock on one file shared by the pool's workers
+(or by several pools, given the same `heavy_lock` path). So however many workers there are,
+at most one decodes a large image (up to 128 MiB by default); each of the others decodes at
+most 16 MiB. The OS drops the lock of a worker that dies. After a large image or batch a
+worker hands the freed memory back to the OS, so an idle worker stays near 30 MiB.
+
+Workers start with `python -P`: the current directory is never on their `sys.path`, so a
+`struct.py` (or any module named like one of the standard library's) in the directory a
+fetch runs from is never imported.
+
 Wire format, parent to worker: count (u32), count lengths (u32 each), the bodies back to
 back. Worker to parent: length (u64), then a pickled list of `ImageResult`.
 """
@@ -21,14 +33,20 @@ back. Worker to parent: length (u64), then a pickled list of `ImageResult`.
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
 
 from PIL import ImageFile
 
@@ -61,10 +79,15 @@ class ImagePool:
     """`await pool.process(body)` runs `images.process_image` on one of `workers` processes."""
 
     def __init__(self, workers: int, max_side: int, max_pixels: int,
-                 resize_filter: str = imagework.DEFAULT_RESIZE_FILTER, batch: int = 8) -> None:
+                 resize_filter: str = imagework.DEFAULT_RESIZE_FILTER, batch: int = 8,
+                 max_decode_bytes: int = imagework.DEFAULT_MAX_DECODE_BYTES,
+                 heavy_lock: str | os.PathLike[str] | None = None) -> None:
         self.size = workers
-        self.args = [str(max_side), str(max_pixels), resize_filter]
+        self.args = [str(max_side), str(max_pixels), resize_filter, str(max_decode_bytes)]
         self.batch = batch
+        # The file whose lock is the heavy slot: private to this pool (an unnamed temporary
+        # file) unless a path shares it with other pools, e.g. those of other fetch loops.
+        self._lock_file: IO[bytes] = tempfile.TemporaryFile() if heavy_lock is None else open(heavy_lock, "a+b")
         self.restarts = 0
         self._queue: deque[_Item] = deque()
         self._workers: list[_Worker] = []
@@ -95,14 +118,16 @@ class ImagePool:
         for item in self._queue:
             item.future.cancel()
         self._workers.clear()
+        self._lock_file.close()
 
     # -- internals ----------------------------------------------------------------------------
 
     async def _spawn(self) -> _Worker:
         parent, child = socket.socketpair()
+        lock_fd = self._lock_file.fileno()
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "imatdata.imagepool", str(child.fileno()), *self.args],
-                                    pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(worker_command(str(child.fileno()), str(lock_fd), *self.args),
+                                    pass_fds=(child.fileno(), lock_fd), stdin=subprocess.DEVNULL)
         finally:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=2**20)
@@ -183,6 +208,40 @@ class ImagePool:
         self._pump()
 
 
+# The folder that holds the imatdata package, appended (not prepended) to a worker's sys.path:
+# the standard library and site-packages come first, so it matters only when imatdata runs
+# from a checkout that is not installed, and shadows nothing.
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_BOOT = ("import sys; p = sys.argv.pop(1); p in sys.path or sys.path.append(p); "
+         "from imatdata.imagepool import main; main()")
+
+
+def worker_command(*args: str) -> list[str]:
+    """The argv of an image worker. `-P` (not `-m`, which puts the current directory first on
+    sys.path) keeps the directory fetch runs from out of the import path; unlike `-I` it keeps
+    PYTHONPATH and the user's site-packages, so the worker imports what its parent does."""
+    return [sys.executable, "-P", "-c", _BOOT, _PACKAGE_PARENT, *args]
+
+
+@contextmanager
+def safe_path_children() -> Iterator[None]:
+    """Python processes started inside this block do not put the current directory on their
+    sys.path (PYTHONSAFEPATH=1, as `-P`). For multiprocessing's spawn and forkserver starts,
+    which run `python -c ...` and would otherwise import a `struct.py` lying in the current
+    directory before the child is even set up. (A spawned child then takes its parent's
+    sys.path, which holds the current directory only if the parent was started with
+    `python -m` from there.)"""
+    before = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONSAFEPATH", None)
+        else:
+            os.environ["PYTHONSAFEPATH"] = before
+
+
 async def _reap(proc: subprocess.Popen[bytes]) -> None:
     for _ in range(50):  # up to 5 s for the worker to finish its batch and see EOF
         if proc.poll() is not None:
@@ -206,10 +265,47 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
     return buf
 
 
-def serve(fd: int, max_side: int, max_pixels: int, resize_filter: str) -> None:
+@contextmanager
+def heavy_slot(lock_fd: int) -> Iterator[None]:
+    """Hold the pool's heavy slot (see the module's docstring) while decoding a large image.
+    lockf locks belong to the process, so workers sharing one open file still exclude each
+    other, and a worker killed mid-decode releases the slot."""
+    import fcntl
+
+    fcntl.lockf(lock_fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        _give_back_memory()
+        fcntl.lockf(lock_fd, fcntl.LOCK_UN)
+
+
+def _give_back_memory() -> None:
+    """Return freed heap pages to the OS (glibc's malloc_trim): after a large image the
+    allocator would otherwise keep up to ~100 MiB of it, in every worker that had one, and
+    the heavy slot would bound the decoding but not the resident memory."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+_TRIM_AFTER_BYTES = 8 * 1024 * 1024
+
+
+def serve(fd: int, max_side: int, max_pixels: int, resize_filter: str,
+          max_decode_bytes: int = imagework.DEFAULT_MAX_DECODE_BYTES, lock_fd: int | None = None) -> None:
     """A worker's life: read a batch, process it, answer; exit when the parent hangs up."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is a decode_error
+    heavy = (lambda: heavy_slot(lock_fd)) if lock_fd is not None else nullcontext
     sock = socket.socket(fileno=fd)
     while True:
         head = _recv_exactly(sock, _COUNT.size)
@@ -217,21 +313,30 @@ def serve(fd: int, max_side: int, max_pixels: int, resize_filter: str) -> None:
             return
         (count,) = _COUNT.unpack(head)
         lengths = struct.unpack(f"<{count}I", _recv_exactly(sock, 4 * count) or b"")
-        data = _recv_exactly(sock, sum(lengths))
-        if data is None:
-            return
-        view, bodies, at = memoryview(data), [], 0
-        for n in lengths:
-            bodies.append(bytes(view[at:at + n]))
-            at += n
-        payload = pickle.dumps(imagework.process_images(bodies, max_side, max_pixels, resize_filter),
-                               protocol=pickle.HIGHEST_PROTOCOL)
+        bodies = []
+        for n in lengths:  # one body at a time: a batch is never held twice
+            buf = _recv_exactly(sock, n)
+            if buf is None:
+                return
+            bodies.append(bytes(buf))
+            del buf
+        payload = pickle.dumps(imagework.process_images(bodies, max_side, max_pixels, resize_filter,
+                                                        max_decode_bytes, heavy), protocol=pickle.HIGHEST_PROTOCOL)
         sock.sendall(_RESULT.pack(len(payload)))
         sock.sendall(payload)
+        if sum(lengths) > _TRIM_AFTER_BYTES:
+            del bodies, payload
+            _give_back_memory()  # an idle worker should not keep a large batch's pages
+
+
+def main() -> None:
+    """Entry point of `worker_command`: socket fd, lock fd, max_side, max_pixels, filter, bytes."""
+    sock_fd, lock_fd, max_side, max_pixels, resize_filter, max_decode_bytes = sys.argv[1:7]
+    try:
+        serve(int(sock_fd), int(max_side), int(max_pixels), resize_filter, int(max_decode_bytes), int(lock_fd))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent went away mid-answer
 
 
 if __name__ == "__main__":
-    try:
-        serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the parent went away mid-answer
+    main()

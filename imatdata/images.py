@@ -10,13 +10,34 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image, ImageOps
 
 # Pillow's own limit warns at this many pixels and raises at twice it; fetch checks the
 # header against its own limit first, so a bomb is refused before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
+MIB = 1024 * 1024
+# What decoding one image may allocate, judged from its header before any pixel is decoded
+# (`decode_cost`). Near the pixel limit a PNG costs up to 9x this (a 9000x9000 RGBA PNG is
+# 309 MiB of pixels, 1 GiB once converted) while a 512 px target needs none of it; 128 MiB
+# still takes a 24-megapixel camera image in any format, and every baseline JPEG under the
+# pixel limit (decoded at 1/8 scale).
+DEFAULT_MAX_DECODE_BYTES = 128 * MIB
+# Images costing more than this are decoded one at a time per pool (the worker holds the
+# pool's heavy slot, see `imagepool`), so N workers never hold N large images at once.
+HEAVY_DECODE_BYTES = 16 * MIB
+# Decoded images above this are converted and shrunk a strip at a time, so the conversion to
+# RGB (up to 3 full-size copies) never exists at full size.
+STRIP_BYTES = 8 * MIB
+# Bytes per pixel of Pillow's in-memory modes (RGB is stored as 4 bytes, like RGBA).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+# Formats whose decoder holds copies of the whole frame beside Pillow's: libwebp's frame, its
+# canvas and the bytes it hands over (measured: 4x); libtiff's RGBA reader.
+_FORMAT_COPIES = {"webp": 4, "avif": 4, "tiff": 2}
 JPEG_QUALITY = 90
 # Downscaling filters (`--resize-filter`), all antialiased: Pillow widens the kernel with the
 # scale factor. The resize is most of the image work (a 900 px photo going to 512 px: decode
@@ -91,8 +112,12 @@ def _orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB with any transparency flattened on white; CMYK, palette, grey and 16-bit handled."""
+def to_rgb(img: Image.Image, grey_range: tuple[float, float] | None = None) -> Image.Image:
+    """RGB with any transparency flattened on white; CMYK, palette, grey and 16-bit handled.
+
+    `grey_range` is the (min, max) that 32-bit grey ("I", "F") is stretched over; by default
+    the image's own. A strip of a larger image passes the whole image's range.
+    """
     if img.mode == "RGB":
         return img
     has_alpha = img.mode in ("RGBA", "LA", "RGBa", "La", "PA") or (
@@ -105,7 +130,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return background
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit and float greys: scale to 8 bits instead of letting convert() clip them.
-        lo, hi = img.getextrema() if img.mode in ("I", "F") else (0, 65535)
+        lo, hi = (grey_range or img.getextrema()) if img.mode in ("I", "F") else (0, 65535)
         span = (hi - lo) or 1
         img = img.point(lambda v: (v - lo) * 255.0 / span) if img.mode in ("I", "F") else \
             img.convert("I").point(lambda v: v * 255.0 / 65535)
@@ -119,8 +144,62 @@ def encode_jpeg(img: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     return out.getvalue()
 
 
+def pixel_bytes(img: Image.Image) -> int:
+    """Bytes Pillow holds for `img`'s pixels at its current size and mode."""
+    return img.width * img.height * _MODE_BYTES.get(img.mode, 4)
+
+
+def decode_cost(img: Image.Image, kind: str, full_size: tuple[int, int]) -> int:
+    """Bytes that decoding `img` allocates, from its header alone (after any `draft`): the
+    pixels, the decoder's own copies of the frame, and a progressive JPEG's coefficient
+    buffer (libjpeg keeps every DCT coefficient of the full-size image until the last
+    scan, whatever the scale it outputs at: 243 MiB for a 9000x9000 photo)."""
+    cost = pixel_bytes(img) * _FORMAT_COPIES.get(kind, 1)
+    layers = getattr(img, "layer", None)
+    if kind == "jpeg" and img.info.get("progressive") and layers:
+        hmax = max(h for _, h, _, _ in layers) or 1
+        vmax = max(v for _, _, v, _ in layers) or 1
+        width, height = full_size
+        for _, h, v, _ in layers:
+            blocks_w = _ceil_div(_ceil_div(width * h, hmax), 8)
+            blocks_h = _ceil_div(_ceil_div(height * v, vmax), 8)
+            cost += blocks_w * blocks_h * 64 * 2  # 64 coefficients of 2 bytes per 8x8 block
+    return cost
+
+
+# EXIF orientation -> the transpose that turns the stored image upright (as ImageOps does).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_STRIP_PIXELS = 1 << 18
+
+
+def shrink_in_strips(img: Image.Image, max_side: int) -> Image.Image:
+    """`to_rgb(img)` box-reduced by a whole factor that leaves at least twice `max_side`
+    (none with `max_side` 0), built a strip at a time: the conversions (up to three copies of
+    the image at 4 bytes a pixel) only ever exist for one strip. Strips are a multiple of the
+    factor high, so the result equals reducing the whole converted image at once."""
+    width, height = img.size
+    tw, th = target_size(width, height, max_side)
+    factor = max(1, min(width // tw, height // th) // 2)
+    rows = max(factor, _STRIP_PIXELS // width // factor * factor)
+    grey_range = img.getextrema() if img.mode in ("I", "F") else None
+    out = Image.new("RGB", (_ceil_div(width, factor), _ceil_div(height, factor)))
+    for top in range(0, height, rows):
+        strip = to_rgb(img.crop((0, top, width, min(height, top + rows))), grey_range)
+        out.paste(strip.reduce(factor) if factor > 1 else strip, (0, top // factor))
+    return out
+
+
 def process_image(body: bytes, max_side: int = 512, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  resize_filter: str = DEFAULT_RESIZE_FILTER) -> ImageResult:
+                  resize_filter: str = DEFAULT_RESIZE_FILTER, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+                  heavy_slot: Callable[[], AbstractContextManager[object]] = nullcontext) -> ImageResult:
     """Turn a served body into the stored image (or say why not).
 
     Keeps `body` byte for byte when it is already an RGB JPEG, upright and within
@@ -128,10 +207,15 @@ def process_image(body: bytes, max_side: int = 512, max_pixels: int = DEFAULT_MA
     shrinks the longer side to `max_side` (with `resize_filter`, a RESIZE_FILTERS name) and
     re-encodes as JPEG q90. `orig_width` and `orig_height` are the served image's size as
     displayed (after the EXIF rotation).
+
+    Memory: an image whose decoding would allocate more than `max_decode_bytes`
+    (`decode_cost`, from the header) is refused as too_large before any pixel is decoded;
+    one costing over HEAVY_DECODE_BYTES is decoded inside `heavy_slot()` (the pool's
+    one-at-a-time lock) and converted in strips, so a worker's peak stays near the cost.
     """
     size = len(body)
     digest = hashlib.sha256(body).hexdigest()
-    base = {"orig_bytes": size, "sha256": digest}
+    base: dict[str, Any] = {"orig_bytes": size, "sha256": digest}
     if size == 0:
         return ImageResult("not_image", "empty body", **base)
     kind = sniff(body)
@@ -152,7 +236,6 @@ def process_image(body: bytes, max_side: int = 512, max_pixels: int = DEFAULT_MA
                 return ImageResult("decode_error", f"{kind} with an empty size {width}x{height}", **base)
             if width * height > max_pixels:
                 return ImageResult("too_large", f"{width}x{height} pixels exceeds the limit of {max_pixels}", **base)
-            orientation = _orientation(img)
             source_mode = img.mode
             is_jpeg = img.format == "JPEG"
             target = target_size(width, height, max_side)
@@ -160,33 +243,57 @@ def process_image(body: bytes, max_side: int = 512, max_pixels: int = DEFAULT_MA
                 # DCT scaling decodes at 1/2, 1/4 or 1/8 for a fraction of the cost; it never
                 # goes below the requested size, so the resize below still does the rest.
                 img.draft("RGB", target)
-            try:
-                img.load()
-            except Image.DecompressionBombError as exc:
-                return ImageResult("too_large", f"decompression bomb ({_first_line(exc)})", **base)
-            except Exception as exc:  # truncated data, corrupt streams, unsupported variants
-                return ImageResult("decode_error", f"cannot decode {kind} ({_first_line(exc)})", **base)
-            rotated = orientation != 1
-            upright = ImageOps.exif_transpose(img) if rotated else img
-            orig_w, orig_h = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-            base.update(orig_width=orig_w, orig_height=orig_h)
-            if is_jpeg and source_mode == "RGB" and not rotated and (max_side <= 0 or max(width, height) <= max_side):
-                return ImageResult("ok", None, body, "jpeg", width, height, **base)
-            try:
-                rgb = to_rgb(upright)
-                new_size = target_size(orig_w, orig_h, max_side)
-                if rgb.size != new_size:
-                    rgb = rgb.resize(new_size, RESIZE_FILTERS[resize_filter], reducing_gap=3.0)
-                data = encode_jpeg(rgb)
-            except Exception as exc:
-                return ImageResult("decode_error", f"cannot convert {kind} ({_first_line(exc)})", **base)
-            return ImageResult("ok", None, data, "jpeg", rgb.width, rgb.height, **base)
+            cost = decode_cost(img, kind, (width, height))
+            if cost > max_decode_bytes:
+                return ImageResult("too_large", f"decoding this {width}x{height} {source_mode} {kind} needs "
+                                   f"{_mib(cost)} MiB, over the limit of {_mib(max_decode_bytes)} MiB per image",
+                                   **base)
+            with heavy_slot() if cost > HEAVY_DECODE_BYTES else nullcontext():
+                try:
+                    return _decode(img, kind, body, base, (width, height), max_side, resize_filter)
+                finally:
+                    img.close()  # free the pixels before the slot passes to another worker
+
+
+def _decode(img: Image.Image, kind: str, body: bytes, base: dict[str, Any], full_size: tuple[int, int],
+            max_side: int, resize_filter: str) -> ImageResult:
+    """The decoding half of `process_image`, for an opened image that passed the checks."""
+    try:
+        img.load()
+    except Image.DecompressionBombError as exc:
+        return ImageResult("too_large", f"decompression bomb ({_first_line(exc)})", **base)
+    except Exception as exc:  # truncated data, corrupt streams, unsupported variants
+        return ImageResult("decode_error", f"cannot decode {kind} ({_first_line(exc)})", **base)
+    # Only now: a PNG's EXIF may follow its pixels, so reading it loads the whole image.
+    orientation = _orientation(img)
+    width, height = full_size
+    rotated = orientation != 1
+    orig_w, orig_h = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    base.update(orig_width=orig_w, orig_height=orig_h)
+    if img.format == "JPEG" and img.mode == "RGB" and not rotated and (max_side <= 0 or max(width, height) <= max_side):
+        return ImageResult("ok", None, body, "jpeg", width, height, **base)
+    try:
+        if pixel_bytes(img) > STRIP_BYTES:
+            rgb = shrink_in_strips(img, max_side)
+            img.close()  # the full-size pixels are no longer needed
+            rgb = rgb.transpose(_UPRIGHT[orientation]) if rotated else rgb
+        else:
+            rgb = to_rgb(ImageOps.exif_transpose(img) if rotated else img)
+        new_size = target_size(orig_w, orig_h, max_side)
+        if rgb.size != new_size:
+            rgb = rgb.resize(new_size, RESIZE_FILTERS[resize_filter], reducing_gap=3.0)
+        data = encode_jpeg(rgb)
+    except Exception as exc:
+        return ImageResult("decode_error", f"cannot convert {kind} ({_first_line(exc)})", **base)
+    return ImageResult("ok", None, data, "jpeg", rgb.width, rgb.height, **base)
 
 
 def process_images(bodies: list[bytes], max_side: int = 512, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   resize_filter: str = DEFAULT_RESIZE_FILTER) -> list[ImageResult]:
+                   resize_filter: str = DEFAULT_RESIZE_FILTER, max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+                   heavy_slot: Callable[[], AbstractContextManager[object]] = nullcontext) -> list[ImageResult]:
     """`process_image` over a batch: one round trip to a worker process for several bodies."""
-    return [process_image(body, max_side, max_pixels, resize_filter) for body in bodies]
+    return [process_image(body, max_side, max_pixels, resize_filter, max_decode_bytes, heavy_slot)
+            for body in bodies]
 
 
 def _describe(body: bytes) -> str:
@@ -198,6 +305,14 @@ def _describe(body: bytes) -> str:
     if head.startswith((b"{", b"[")):
         return "JSON"
     return f"{len(body)} bytes starting {body[:8].hex()}"
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _mib(n: int) -> int:
+    return _ceil_div(n, MIB)
 
 
 def _first_line(exc: BaseException) -> str:

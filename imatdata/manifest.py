@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +94,82 @@ ROW_GROUP_MAX_BYTES = 128 * 1024 * 1024
 # --- layout -------------------------------------------------------------------------------
 
 
-def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
-    """`--root`, else `$IMAT_ROOT`, else `./manifests`."""
+def resolve_root(root: str | os.PathLike[str] | None = None, *, writable: bool = True) -> Path:
+    """`--root`, else `$IMAT_ROOT`, else `./manifests`, checked before anything is written:
+    a root that is a file, or lies under one, or (with `writable`, for the stages that write
+    there: fetch, clean, stats) cannot be written, is a UserError. A root that does not
+    exist yet is fine when the folder it would be made in can be written."""
     if root is not None and str(root) != "":
-        return Path(root)
-    return Path(os.environ.get("IMAT_ROOT") or DEFAULT_ROOT)
+        path = Path(root)
+    else:
+        path = Path(os.environ.get("IMAT_ROOT") or DEFAULT_ROOT)
+    check_root(path, writable=writable)
+    return path
+
+
+def check_root(path: Path, *, writable: bool = True) -> None:
+    """The checks of `resolve_root` (see there)."""
+    existing = path
+    while not existing.exists():  # the nearest part of the path that exists
+        if existing.is_symlink():
+            raise UserError(f"root {path}: {existing} is a broken link; pass --root (or set IMAT_ROOT) "
+                            "to a folder")
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise UserError(f"root {path} {what}, not a folder; pass --root (or set IMAT_ROOT) to a folder")
+    if writable and not can_write(existing):
+        where = "" if existing == path else f" (it would be made in {existing})"
+        raise UserError(f"root {path}: cannot write there{where}: permission denied or a read-only file "
+                        "system; pass --root (or set IMAT_ROOT) to a folder you can write")
+
+
+def can_write(folder: Path) -> bool:
+    """Whether files can be made in `folder` (write and search permission, writable mount)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+class RunLock:
+    """One run at a time on `path`, for as long as the `with` lasts.
+
+    `path` is a folder (locked in place: nothing is created) or a lock file (created if
+    needed). The lock is an flock, so the OS drops it when the process dies (kill -9 too) and
+    no stale lock is ever left behind. A second run gets a UserError saying `busy`.
+    """
+
+    def __init__(self, path: Path, busy: str) -> None:
+        self.path = Path(path)
+        self.busy = busy
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        if sys.platform == "win32":  # no flock; Windows runs are not locked
+            return self
+        import fcntl
+
+        if self.path.is_dir():
+            fd = os.open(self.path, os.O_RDONLY)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(self.busy) from None
+        except OSError:
+            # A file system without flock (some network mounts): run unlocked rather than not at all.
+            os.close(fd)
+            return self
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
 
 
 def stage_dir(root: Path, stage: str) -> Path:

@@ -41,6 +41,11 @@ _PLAIN_URL = re.compile(r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9](?:[A-Za-z0-9.\-]*
                         r"(?:[/?#][!-~]*)?$")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _INT32 = (-(2**31), 2**31 - 1)
+# JSON nested deeper than this (counted from the document's top) is refused while streaming:
+# an iMaterialist list is 3 deep, and a deeper file costs the parser time quadratic in the
+# depth (200,000 levels: over a minute) and Python a RecursionError at about 1,000.
+MAX_JSON_DEPTH = 64
+_UTF8_BOM = b"\xef\xbb\xbf"
 # Keys are built in numpy chunks of this many so a million ids never become a Python list.
 _KEY_CHUNK = 65_536
 
@@ -156,7 +161,13 @@ def resolve_sources(paths: Sequence[str | Path], split: str | None = None) -> li
         if not path.exists():
             raise UserError(f"{path}: no such file")
         if not path.is_file():
-            raise UserError(f"{path}: not a file")
+            raise UserError(f"{path}: not a file" + (" (a folder: give the URL list files in it)"
+                                                     if path.is_dir() else ""))
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read it ({_os_reason(exc)})") from None
         if path.resolve() in seen:
             raise UserError(f"{path}: given twice")
         seen.add(path.resolve())
@@ -184,6 +195,8 @@ def check_url(url: Any) -> tuple[str | None, str | None]:
         return None, "empty"
     if _PLAIN_URL.match(url):
         return url, None  # the common case, without urlsplit's cost (a million times per pass)
+    if _lone_surrogate(url):
+        return None, f"{_show(url)} holds a lone UTF-16 surrogate, which is not valid Unicode"
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -211,8 +224,22 @@ def _check_id(value: Any) -> tuple[str | None, str | None]:
     if isinstance(value, str):
         if not value.strip():
             return None, "empty"
+        if _lone_surrogate(value):
+            return None, f"{_show(value)} holds a lone UTF-16 surrogate, which is not valid Unicode"
         return value, None
     return None, f"expected a string or an integer, got {_show(value)}"
+
+
+def _lone_surrogate(text: str) -> bool:
+    """Whether `text` holds a surrogate code point, which no UTF-8 file or Parquet column can
+    store (JSON's "\\ud800" escape without its pair decodes to one)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _check_label(value: Any, *, from_text: bool) -> tuple[int | None, str | None]:
@@ -230,7 +257,9 @@ def _check_label(value: Any, *, from_text: bool) -> tuple[int | None, str | None
         label = int(value)
     if label is None:
         return None, f"expected an integer, got {_show(value)}"
-    if not _INT32[0] <= label <= _INT32[1]:
+    if label < 0:
+        return None, f"{label} is negative; classes are numbered from 0"
+    if label > _INT32[1]:
         return None, f"{label} does not fit in 32 bits"
     return label, None
 
@@ -255,7 +284,10 @@ def make_record(index: int, obj: Any, *, from_text: bool = False) -> Record:
 
 
 def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value) if not isinstance(value, Decimal) else str(value)
+    try:
+        text = repr(value) if not isinstance(value, Decimal) else str(value)
+    except RecursionError:  # a value nested too deep to print
+        return f"a deeply nested {type(value).__name__}"
     text = text.replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -269,11 +301,14 @@ def read_records(source: Source, limit: int | None = None) -> Iterator[Record]:
     (not JSON, no `images`, no records, unreadable) raise UserError."""
     readers = {"imat": _read_imat, "jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
     count = 0
-    for record in readers[source.fmt](source.path):
-        if limit is not None and count >= limit:
-            return
-        yield record
-        count += 1
+    try:
+        for record in readers[source.fmt](source.path):
+            if limit is not None and count >= limit:
+                return
+            yield record
+            count += 1
+    except OSError as exc:  # permission denied, a vanished file, an I/O error mid-read
+        raise UserError(f"{source.path}: cannot read it ({_os_reason(exc)})") from None
     if count == 0:
         what = "field 'images': the list is empty" if source.fmt == "imat" else "has no records"
         raise UserError(f"{source.path}: {what}")
@@ -284,15 +319,18 @@ def _first_line(exc: BaseException) -> str:
     return text[0].strip() if text else type(exc).__name__
 
 
+def _os_reason(exc: OSError) -> str:
+    return (exc.strerror or _first_line(exc)).lower()
+
+
 def _read_imat(path: Path) -> Iterator[Record]:
     import ijson
 
     index = 0
     try:
-        with open(path, "rb") as fh:
-            for obj in ijson.items(fh, "images.item"):
-                yield make_record(index, obj)
-                index += 1
+        for obj in _imat_objects(path):
+            yield make_record(index, obj)
+            index += 1
     except ijson.JSONError as exc:
         where = f"record {index}: " if index else ""
         raise UserError(f"{path}: {where}not valid JSON ({_first_line(exc)})") from None
@@ -302,11 +340,131 @@ def _read_imat(path: Path) -> Iterator[Record]:
         _explain_no_images(path)
 
 
+def _open_json(path: Path) -> Any:
+    """The file, positioned after a UTF-8 byte order mark if it starts with one (as CSV
+    reading allows; JSON parsers reject it, and editors on Windows write it)."""
+    fh = open(path, "rb")
+    if fh.read(len(_UTF8_BOM)) != _UTF8_BOM:
+        fh.seek(0)
+    return fh
+
+
+class _SurrogateWatch:
+    """A file wrapper that notes whether what was read so far holds a UTF-16 surrogate escape
+    (\\ud800-\\udfff). The C parser turns a lone one into '?', silently; a pair (an emoji,
+    say) is fine. A false alarm only costs the slower, exact parser."""
+
+    _ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self._tail = b""
+        self.seen = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        if not self.seen and (self._ESCAPE.search(self._tail + data[:3]) or self._ESCAPE.search(data)):
+            self.seen = True
+        self._tail = data[-3:]
+        return data
+
+
+def _imat_objects(path: Path) -> Iterator[Any]:
+    """The items of the file's top-level `images` list, streamed with ijson's C parser; once
+    the file turns out to escape UTF-16 surrogates, the remaining items are read again with
+    ijson's pure-Python parser, which keeps a lone surrogate as such (so that `make_record`
+    can reject it) instead of making it '?'."""
+    import ijson
+
+    done = 0
+    with _open_json(path) as fh:
+        watch = _SurrogateWatch(fh)
+        try:
+            for obj in _image_items(ijson.basic_parse(watch), path):
+                if watch.seen:  # this item may come from the bytes just read
+                    break
+                yield obj
+                done += 1
+            else:
+                return
+        except (ijson.JSONError, UnicodeDecodeError):
+            if not watch.seen:  # (a lone low surrogate makes the C parser fail on its own output)
+                raise
+    with _open_json(path) as fh:
+        for k, obj in enumerate(_image_items(ijson.get_backend("python").basic_parse(fh), path)):
+            if k >= done:
+                yield obj
+
+
+_OPENS = frozenset(("start_map", "start_array"))
+_CLOSES = frozenset(("end_map", "end_array"))
+
+
+def _image_items(events: Iterator[tuple[str, Any]], path: Path) -> Iterator[Any]:
+    """What `ijson.items(file, "images.item")` yields, built from basic_parse events, but
+    with the nesting depth capped at MAX_JSON_DEPTH. ijson's own prefixed events cost time
+    quadratic in the depth before anything could stop them. Records are flat objects, built
+    here directly; anything nested inside one goes through ijson's ObjectBuilder."""
+    from ijson.common import ObjectBuilder
+
+    depth = 0  # containers open around the current event
+    key = None  # the last key seen in the top-level object or in the current record
+    record: dict[str, Any] | None = None  # the record (an object in `images`) being built
+    nested: ObjectBuilder | None = None  # a container inside a record, or a non-object item
+    in_images = False
+    count = 0
+    for event, value in events:
+        if event in _OPENS:
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                where = f"record {count}: " if in_images else ""
+                raise UserError(f"{path}: {where}nested deeper than {MAX_JSON_DEPTH} levels; an iMaterialist "
+                                "list is {\"images\": [{\"id\", \"url\", \"class\"}, ...]}")
+        elif event in _CLOSES:
+            depth -= 1
+        if nested is not None:
+            nested.event(event, value)
+            if event in _CLOSES and depth == (3 if record is not None else 2):
+                if record is not None:
+                    record[key] = nested.value
+                else:
+                    yield nested.value
+                    count += 1
+                nested = None
+        elif record is not None:
+            if event == "map_key":
+                key = value
+            elif depth == 2:  # the record's end_map
+                yield record
+                count += 1
+                record = None
+            elif event in _OPENS:
+                nested = ObjectBuilder()
+                nested.event(event, value)
+            else:
+                record[key] = value
+        elif in_images:
+            if depth == 1:  # the list's end_array
+                in_images = False
+            elif event == "start_map":
+                record = {}
+            elif event == "start_array":
+                nested = ObjectBuilder()
+                nested.event(event, value)
+            else:  # a scalar item: make_record says what is wrong with it
+                yield value
+                count += 1
+        elif depth == 1 and event == "map_key":
+            key = value
+        elif depth == 2 and event == "start_array" and key == "images":
+            in_images = True
+
+
 def _explain_no_images(path: Path) -> None:
     """No record came out of `images.item`: say whether `images` is missing, not a list or empty."""
     import ijson
 
-    with open(path, "rb") as fh:
+    with _open_json(path) as fh:  # shallow: _image_items has read it all under the depth cap
         events = ijson.parse(fh)
         try:
             first = next(events, None)
@@ -329,7 +487,7 @@ def _explain_no_images(path: Path) -> None:
 def _read_jsonl(path: Path) -> Iterator[Record]:
     index = 0
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # -sig: a byte order mark is skipped, as for CSV
             for line in fh:
                 if not line.strip():
                     continue
@@ -337,6 +495,8 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     yield Record(index, "", None, None, "record", f"not valid JSON ({exc.msg})")
+                except RecursionError:
+                    yield Record(index, "", None, None, "record", "nested too deeply to be a record")
                 else:
                     yield make_record(index, obj)
                 index += 1

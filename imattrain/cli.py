@@ -144,7 +144,7 @@ def _checkpoint_list(checkpoint: Optional[list[Path]], more: Optional[list[Path]
 def _data_dir(data: Optional[str], root: Optional[str]) -> Path:
     from imatdata.manifest import resolve_root
 
-    return Path(data) if data else resolve_root(root) / "clean"
+    return Path(data) if data else resolve_root(root, writable=False) / "clean"
 
 
 def _tau_grid(text: Optional[str]) -> tuple[float, ...]:
@@ -171,6 +171,8 @@ _ROOT_OPT = typer.Option(None, "--root", show_default=False,
                          help="Manifest root used to find --data (default: $IMAT_ROOT or ./manifests).")
 _TTA_OPT = typer.Option("none", "--tta", metavar="none|flip|five-crop",
                         help="Test-time augmentation averaged per image.")
+_FORCE_OPT = typer.Option(False, "--force", help="Replace output files that already exist "
+                                                 "(never an input: a checkpoint or the data).")
 
 
 @app.command("eval")
@@ -196,15 +198,18 @@ def eval_command(
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     out: Optional[Path] = typer.Option(None, "--out", show_default=False,
                                        help="Also write the full report (per-class figures included) as JSON."),
+    force: bool = _FORCE_OPT,
 ) -> None:
     """Top-1/3/5, per-class and balanced accuracy of one checkpoint or an ensemble."""
     with user_errors():
         import json
 
-        from imattrain.predict import evaluate_checkpoints
+        from imattrain.predict import check_outputs, evaluate_checkpoints
 
         paths = _checkpoint_list(checkpoint, more, snapshots)
-        report = evaluate_checkpoints(paths, _data_dir(data, root), split=split, tta=tta, tau=tau,
+        data_dir = _data_dir(data, root)
+        check_outputs({"--out": out}, paths, data_dir, force)
+        report = evaluate_checkpoints(paths, data_dir, split=split, tta=tta, tau=tau,
                                       tune=tune_tau, tau_grid=_tau_grid(tau_grid), batch_size=batch_size,
                                       workers=workers, device=device, amp=amp)
         text = json.dumps(report.to_dict(worst), indent=2)
@@ -272,6 +277,7 @@ def predict_command(
     amp: str = typer.Option("auto", "--amp", help="auto (bf16 on CUDA), none, bf16, fp16.",
                             rich_help_panel=_INFER_PANEL),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
+    force: bool = _FORCE_OPT,
 ) -> None:
     """Write the competition file: id,predicted with three labels per row, best first."""
     with user_errors():
@@ -282,7 +288,7 @@ def predict_command(
         paths = _checkpoint_list(checkpoint, more, snapshots)
         report = predict_submission(paths, _data_dir(data, root), out, split=split, tta=tta, tau=tau,
                                     probs_out=probs, batch_size=batch_size, workers=workers,
-                                    device=device, amp=amp)
+                                    device=device, amp=amp, force=force)
         if json_output:
             print(json.dumps(report.__dict__, indent=2))
         else:
@@ -310,19 +316,31 @@ def _build_lr_find_command() -> Callable[..., None]:
                                                help="PNG to write (default: <out>/lr_find.png, or "
                                                     "runs/lr-find-<model>-<time>/lr_find.png).",
                                                rich_help_panel="Range test")),
+        inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--force", help="Replace an existing --plot "
+                                               "(and its .json curve).", rich_help_panel="Range test")),
     ]
     params = base + extra
 
     def lr_find(**kwargs: Any) -> None:
         config = kwargs.pop("config", None)
         start_lr, end_lr = kwargs.pop("start_lr"), kwargs.pop("end_lr")
-        steps, plot = kwargs.pop("steps"), kwargs.pop("plot")
+        steps, plot, force = kwargs.pop("steps"), kwargs.pop("plot"), kwargs.pop("force")
         with user_errors():
             file_values = load_toml(config) if config is not None else {}
             flag_values = {name: parse_value(name, raw, source="flag")
                            for name, raw in kwargs.items() if raw is not None}
             cfg = build_config(file_values, flag_values)
             from imattrain.lrfind import run_lr_find
+
+            if plot is not None:
+                from imattrain.predict import check_outputs
+                from imattrain.setup import resolve_data_dir
+
+                inputs = [Path(f) for f in (config, cfg.pretrained, cfg.tree)
+                          if f and f != "torchvision"]
+                check_outputs({"--plot": plot, "--plot's curve": plot.with_suffix(".json")},
+                              inputs, resolve_data_dir(cfg), force)
 
             say = (lambda msg: None) if cfg.quiet else (lambda msg: print(msg, file=sys.stderr))
             result, path = run_lr_find(cfg, start_lr=start_lr, end_lr=end_lr, steps=steps, plot=plot,

@@ -1,8 +1,9 @@
 """Model factory: torchvision classification models by name, timm's when timm is installed.
 
 The classifier head is sized for the class count at construction. `pretrained` is either a
-local weights file (a state dict or any checkpoint holding one; tensors whose shape does not
-fit, i.e. the old head, are skipped with a message) or "torchvision" for torchvision's own
+local weights file (a state dict or any checkpoint holding one, read with
+`weights_only=True` so that it cannot run code; tensors whose shape does not fit, i.e. the
+old head, are skipped with a message) or "torchvision" for torchvision's own
 weights (which need a download or a warm torch hub cache).
 """
 
@@ -19,6 +20,7 @@ import torchvision
 from torch import nn
 
 from imatdata.errors import UserError
+from imattrain.checkpoint import safe_load
 
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 
@@ -138,11 +140,13 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 def load_pretrained(model: nn.Module, path: Path, say: Any) -> None:
     if not path.is_file():
         raise UserError(f"--pretrained {path}: no such file (give a weights file or 'torchvision')")
+    obj = safe_load(path, "--pretrained", "save the weights alone, as a state dict of tensors "
+                    "(torch.save(model.state_dict(), PATH)), from a source you trust")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
         state = extract_state_dict(obj)
-    except Exception as exc:
-        raise UserError(f"--pretrained {path}: not a weights file ({type(exc).__name__})") from None
+    except (ValueError, TypeError, AttributeError):
+        raise UserError(f"--pretrained {path}: not a weights file (no state dict of tensors "
+                        f"found in it)") from None
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -185,6 +186,42 @@ def format_submission(ids: Sequence[str], top3: np.ndarray, labels: Sequence[int
             raise ValueError(f"duplicate labels predicted for {row_id}: {names}")
         writer.writerow([row_id, " ".join(names)])
     return buf.getvalue()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        try:
+            return os.path.samefile(a, b)  # hard links and symlinks too
+        except OSError:
+            pass
+    return a.resolve() == b.resolve()
+
+
+def check_outputs(outputs: dict[str, Path | None], inputs: Sequence[Path], data_dir: Path | None,
+                  force: bool = False) -> None:
+    """Refuse, before any work is done, an output file (flag -> path) that would replace an
+    input (a checkpoint, a file inside the data folder), another output of the same command,
+    or, without `force`, any existing file. `--force` never lets an input be replaced."""
+    seen: dict[str, Path] = {}
+    for flag, out in outputs.items():
+        if out is None:
+            continue
+        out = Path(out)
+        for source in inputs:
+            if _same_file(out, Path(source)):
+                raise UserError(f"{flag} {out} is {source}, an input of this command; write the "
+                                f"output to another file (--force never replaces an input)")
+        if data_dir is not None and out.resolve().is_relative_to(Path(data_dir).resolve()):
+            raise UserError(f"{flag} {out} is inside the data folder {data_dir}; write outputs "
+                            f"elsewhere (a file there could be read as data, or replace a shard)")
+        for other, path in seen.items():
+            if _same_file(out, path):
+                raise UserError(f"{flag} and {other} are the same file {out}; give each its own")
+        if out.is_dir():
+            raise UserError(f"{flag} {out} is a folder; give a file name")
+        if out.exists() and not force:
+            raise UserError(f"{flag} {out} already exists; pass --force to replace it")
+        seen[flag] = out
 
 
 def write_submission(path: Path, ids: Sequence[str], top3: np.ndarray,
@@ -460,10 +497,12 @@ class PredictReport:
 def predict_submission(paths: Sequence[Path], data_dir: Path, out: Path, *, split: str = "test",
                        tta: str = "none", tau: float = 0.0, probs_out: Path | None = None,
                        batch_size: int = 128, workers: int = 2, device: str = "auto",
-                       amp: str = "auto") -> PredictReport:
-    """Write the competition file (and optionally the probabilities) for every row of `split`."""
+                       amp: str = "auto", force: bool = False) -> PredictReport:
+    """Write the competition file (and optionally the probabilities) for every row of `split`.
+    Existing files are replaced only with `force`; inputs never (see `check_outputs`)."""
     if tau < 0 or not math.isfinite(tau):
         raise UserError(f"--tau must be a finite number >= 0 (got {tau})")
+    check_outputs({"--out": out, "--probs": probs_out}, paths, data_dir, force)
     dev = resolve_device(device)
     loaded = load_checkpoints(paths, dev)
     preds = infer(loaded, data_dir, split, tta=tta, batch_size=batch_size, workers=workers, device=dev,

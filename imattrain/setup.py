@@ -26,7 +26,7 @@ from imattrain.transforms import build_eval_transform, build_train_transform
 
 
 def resolve_data_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.data) if cfg.data else resolve_root(cfg.root) / "clean"
+    return Path(cfg.data) if cfg.data else resolve_root(cfg.root, writable=False) / "clean"
 
 
 def build_model_and_loss(cfg: TrainConfig, num_classes: int,

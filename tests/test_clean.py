@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -353,3 +356,99 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     res = CliRunner().invoke(app, ["clean", "--root", str(tmp_path), "--dedup", "fuzzy"])
     assert res.exit_code == 2
+
+
+# --- runs that overlap, stop or start from odd places (issue #14) ---------------------------------
+
+SLOW_CLEAN = """
+import pathlib, sys, time
+from imatdata import clean as clean_mod
+from imatdata.cli import main
+
+started, hold = pathlib.Path(sys.argv[1]), float(sys.argv[2])
+real = clean_mod._pass1
+
+def slow(*args, **kwargs):
+    started.write_text("hashing")
+    time.sleep(hold)
+    return real(*args, **kwargs)
+
+clean_mod._pass1 = slow
+sys.argv = ["imatdata", *sys.argv[3:]]
+main()
+"""
+
+
+def start_slow_clean(tmp_path: Path, root: Path, hold: float) -> tuple[subprocess.Popen[str], Path]:
+    """`imatdata clean --root ROOT` in a real process that pauses `hold` s once it holds the lock."""
+    script, started = tmp_path / "slow_clean.py", tmp_path / "started"
+    script.write_text(SLOW_CLEAN)
+    proc = subprocess.Popen([sys.executable, str(script), str(started), str(hold), "clean", "--root", str(root),
+                             "--quiet", "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc, started
+
+
+def imatdata_script() -> str:
+    return str(Path(sys.executable).with_name("imatdata"))
+
+
+def test_a_second_clean_on_the_same_root_stops_with_one_line(tmp_path: Path, planted: Planted) -> None:
+    root = tmp_path / "root"
+    write_raw(root, planted.rows)
+    first, _ = start_slow_clean(tmp_path, root, hold=3)
+    second = subprocess.run([imatdata_script(), "clean", "--root", str(root), "--quiet"],
+                            capture_output=True, text=True, timeout=120)
+    assert first.poll() is None  # still running: the second did not wait for it
+    assert second.returncode == 2
+    assert second.stderr.count("\n") == 1 and "another imatdata clean is running on" in second.stderr
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert (root / "clean" / "dropped.parquet").is_file()
+    assert sorted(p.name for p in root.iterdir()) == ["clean", "raw", "stats"]  # no staging, no lock file
+
+
+def test_ctrl_c_in_clean_says_what_a_rerun_does(tmp_path: Path, planted: Planted) -> None:
+    root = tmp_path / "root"
+    write_raw(root, planted.rows)
+    clean_mod.clean(root, config(), write_stats=False)
+    before = {p: p.read_bytes() for p in (root / "clean").rglob("*") if p.is_file()}
+    proc, _ = start_slow_clean(tmp_path, root, hold=60)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "clean/ is only ever replaced by a complete result; run clean again to start over" in err
+    assert "resume" not in err
+    assert {p: p.read_bytes() for p in (root / "clean").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in root.iterdir()) == ["clean", "raw"]
+
+
+def test_hashing_workers_do_not_import_modules_from_the_current_directory(tmp_path: Path,
+                                                                          planted: Planted) -> None:
+    root, cwd, marker = tmp_path / "root", tmp_path / "cwd", tmp_path / "marker"
+    write_raw(root, planted.rows)
+    cwd.mkdir()
+    (cwd / "struct.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('imported')\n")
+    # The trap works: a spawned worker of a plain script (`python -c` under the hood) takes it.
+    script = tmp_path / "run_clean.py"
+    script.write_text(textwrap.dedent(f"""
+        from pathlib import Path
+        from imatdata import clean as clean_mod
+        if __name__ == "__main__":
+            cfg = clean_mod.CleanConfig(min_size=64, max_aspect=4.0, workers=2, batch_rows=3)
+            clean_mod.clean(Path({str(root)!r}), cfg, write_stats=False)
+            print("cleaned")
+    """))
+    proc = subprocess.run([sys.executable, str(script)], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "cleaned" in proc.stdout
+    assert not marker.exists()
+    # What the spawned workers would do without the fix (their bootstrap imports struct):
+    subprocess.run([sys.executable, "-c", "import multiprocessing.connection"], cwd=cwd, capture_output=True,
+                   timeout=60)
+    assert marker.exists()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import time
 from email.utils import formatdate
 
 import pytest
 
-from imatdata.download import (AddressPolicy, Fetcher, NetConfig, backoff_delay, literal_ip,
-                               parse_retry_after, robots_opt_out)
+from imatdata.download import (AddressPolicy, ByteBudget, Fetcher, GuardedResolver, NetConfig, _rfc6052_ipv4,
+                               backoff_delay, canonical_host, embedded_ipv4, literal_ip, parse_retry_after,
+                               robots_opt_out)
 from imatdata.errors import UserError
 from imatdata.sample import Catalogue, Item, SampleServer, build_catalogue, encode, render_product
 
@@ -268,3 +270,234 @@ async def test_certificate_failure_is_connection_error_not_retried(tmp_path) -> 
         await runner.cleanup()
     assert bad.status == "connection_error" and bad.attempts == 1 and "certificate" in bad.error.lower()
     assert good.status == "ok" and hits == ["/a.jpg"]
+
+
+# --- IPv6 forms that embed an IPv4 address (issue #14) ------------------------------------------
+
+# (address, the IPv4 inside it is private): each form once with a private and a public IPv4.
+EMBEDDED = [
+    ("64:ff9b::10.0.0.1", True), ("64:ff9b::127.0.0.1", True), ("64:ff9b::8.8.8.8", False),  # NAT64
+    ("64:ff9b:1::10.0.0.1", True),  # NAT64 local use: the /48../96 readings include 0.0.0.0
+    ("64:ff9b:1:808:8:808:808:808", False),  # ... unless every reading is public (8.8.8.8 each)
+    ("2002:a00:1::", True), ("2002:7f00:1::1", True), ("2002:808:808::1", False),  # 6to4
+    ("::10.0.0.1", True), ("::127.0.0.1", True), ("::8.8.8.8", False),  # IPv4-compatible
+    ("::ffff:0:10.0.0.1", True), ("::ffff:0:8.8.8.8", False),  # IPv4-translated
+    ("::ffff:192.168.0.1", True), ("::ffff:8.8.8.8", False),  # IPv4-mapped
+    # Teredo 2001:0:<server>:<flags>:<port>:<client XOR ffffffff>
+    ("2001:0:808:808::f5ff:fffe", True),  # client 10.0.0.1
+    ("2001:0:a00:1::f7f7:fbfb", True),  # server 10.0.0.1
+    ("2001:0:808:808::f7f7:fbfb", False),  # server 8.8.8.8, client 8.8.4.4
+]
+
+
+def test_rfc6052_readings_match_the_rfc_examples() -> None:
+    # RFC 6052 section 2.4: 192.0.2.33 under 2001:db8:122:344::/32../96
+    for prefix_len, address in ((32, "2001:db8:c000:221::"), (40, "2001:db8:1c0:2:21::"),
+                                (48, "2001:db8:122:c000:2:2100::"), (56, "2001:db8:122:3c0:0:221::"),
+                                (64, "2001:db8:122:344:c0:2:2100:0"), (96, "2001:db8:122:344::192.0.2.33")):
+        assert str(_rfc6052_ipv4(ipaddress.IPv6Address(address), prefix_len)) == "192.0.2.33", prefix_len
+    teredo = embedded_ipv4(ipaddress.IPv6Address("2001:0:4136:e378:8000:63bf:3fff:fdd2"))
+    assert [str(a) for a in teredo] == ["65.54.227.120", "192.0.2.45"]
+    assert embedded_ipv4(ipaddress.IPv6Address("2606:4700::1111")) == []
+
+
+@pytest.mark.parametrize("address, private", EMBEDDED)
+def test_ipv6_forms_are_judged_by_the_ipv4_inside(address: str, private: bool) -> None:
+    assert AddressPolicy().permits(address) is not private
+    assert AddressPolicy(allow_private=True).permits(address)
+
+
+def test_site_local_and_allow_net_with_embedded_ipv4() -> None:
+    deny = AddressPolicy()
+    assert not deny.permits("fec0::1") and not deny.permits("fec0:1:2::3")
+    assert AddressPolicy(allow_private=True).permits("fec0::1")
+    assert AddressPolicy.from_config(cfg(allow_nets=("fec0::/10",))).permits("fec0::1")
+    # --allow-net names the IPv4 network: its embedded forms are allowed, others are not.
+    loop = AddressPolicy.from_config(cfg(allow_nets=("127.0.0.0/8",)))
+    for address in ("127.0.0.1", "::ffff:127.0.0.1", "64:ff9b::127.0.0.1", "2002:7f00:1::", "::127.0.0.1"):
+        assert loop.permits(address), address
+    for address in ("64:ff9b::10.0.0.1", "2002:a00:1::", "::ffff:10.0.0.1", "::1", "fec0::1"):
+        assert not loop.permits(address), address
+    # ... or the IPv6 network itself, whatever it carries.
+    nat64 = AddressPolicy.from_config(cfg(allow_nets=("64:ff9b::/96",)))
+    assert nat64.permits("64:ff9b::10.0.0.1") and not nat64.permits("2002:a00:1::")
+
+
+class _FixedResolver:
+    """An inner resolver answering every name with the given addresses."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = addresses
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict]:
+        return [{"hostname": host, "host": a, "port": port, "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
+                 "proto": 0, "flags": 0} for a in self.addresses]
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("address, private", EMBEDDED + [("fec0::1", True)])
+async def test_resolver_drops_embedded_private_addresses(address: str, private: bool) -> None:
+    from imatdata.download import BlockedAddress
+
+    resolver = GuardedResolver(AddressPolicy(), _FixedResolver(address))
+    if private:
+        with pytest.raises(BlockedAddress):
+            await resolver.resolve("sneaky.example", 80)
+        # A public answer next to it is kept; the embedded private one is dropped.
+        mixed = GuardedResolver(AddressPolicy(), _FixedResolver(address, "93.184.216.34"))
+        assert [r["host"] for r in await mixed.resolve("sneaky.example", 80)] == ["93.184.216.34"]
+    else:
+        assert [r["host"] for r in await resolver.resolve("fine.example", 80)] == [address]
+
+
+async def test_embedded_private_addresses_blocked_before_any_request(faults: Catalogue, monkeypatch) -> None:
+    import imatdata.download as download
+
+    private = [a for a, is_private in EMBEDDED if is_private] + ["fec0::1"]
+    item = faults.one(kind="jpeg")
+    async with SampleServer(faults) as srv:
+        async with Fetcher(NetConfig(timeout=2.0)) as f:  # literal IPv6 URLs
+            literal = [await f.fetch(f"http://[{a}]:{srv.port}{item.path}") for a in private]
+        # Names whose DNS answer is such an address (the resolver path).
+        answers = iter(private)
+        monkeypatch.setattr(download, "DefaultResolver", lambda: _FixedResolver(next(answers)))
+        named = []
+        for _ in private:
+            async with Fetcher(NetConfig(timeout=2.0)) as f:
+                named.append(await f.fetch(f"http://host.example:{srv.port}{item.path}"))
+        assert srv.total_requests == 0
+    for address, d in zip(private + private, literal + named):
+        assert (d.status, d.attempts) == ("blocked", 0), (address, d.status, d.error)
+
+
+# --- numeric hosts, read as browsers read them (issue #18) ----------------------------------------
+
+
+def test_canonical_host_reads_ipv4_as_whatwg_does() -> None:
+    for host in ("127.1", "2130706433", "0x7f.1", "0x7F000001", "0177.0.0.1", "0177.0.0.01", "127.0.1", "127.0.0.1.",
+                 "%31%32%37.1", "0x7f.0.0.0x1", "017700000001"):
+        assert canonical_host(host) == "127.0.0.1", host
+    assert canonical_host("1.2.3.4") == "1.2.3.4" and canonical_host("0x.0.0.0") == "0.0.0.0"
+    assert canonical_host("Example.COM") == "example.com" and canonical_host("0xg.example") == "0xg.example"
+    assert canonical_host("::ffff:7f00:1") == "::ffff:7f00:1"
+    for host in ("256.0.0.1", "1.2.3.4.5", "4294967296", "0x100000000", "1.2.65536", "08.1", "1..2", "example.123",
+                 "a b", "a%20b", "x<y", "a%zz"):
+        with pytest.raises(ValueError):
+            canonical_host(host)
+    assert canonical_host("1.2.3.0x") == "1.2.3.0" == canonical_host("1.2.3.0x0")  # a bare 0x is 0
+
+
+async def test_numeric_hosts_are_blocked_or_fetched_like_their_address(faults: Catalogue) -> None:
+    item = faults.one(kind="jpeg")
+    hosts = ["127.1", "2130706433", "0x7f.1", "0177.0.0.1", "[::ffff:127.0.0.1]"]
+    async with SampleServer(faults) as srv:
+        urls = [f"http://{h}:{srv.port}{item.path}" for h in hosts]
+        async with Fetcher(NetConfig(timeout=2.0, retries=3)) as f:
+            refused = [await f.fetch(u) for u in urls]
+        assert srv.total_requests == 0
+        async with Fetcher(cfg(allow_nets=("127.0.0.0/8",))) as f:
+            fetched = [await f.fetch(u) for u in urls]
+    assert [(d.status, d.attempts) for d in refused] == [("blocked", 0)] * len(hosts), [d.error for d in refused]
+    assert all("127.0.0.1" in d.error or "7f00:1" in d.error for d in refused)
+    assert [(d.status, d.attempts) for d in fetched] == [("ok", 1)] * len(hosts), [d.error for d in fetched]
+    assert all(d.body == item.body for d in fetched) and srv.counter[item.path] == len(hosts)
+
+
+@pytest.mark.parametrize("url", ["http://8.8.8.8.8/x.jpg", "http://256.1.1.1/x.jpg", "http://1.2.3.08/x.jpg",
+                                 "http://a b/x.jpg", "http://[zz]/x.jpg", "http://:80/x.jpg",
+                                 "http://images.example.99/x.jpg"])
+async def test_unparsable_urls_are_invalid_not_transient(url: str) -> None:
+    from imatdata.fetch import is_transient
+
+    async with Fetcher(cfg(retries=3)) as f:
+        d = await f.fetch(url)
+        assert f.stats.requests == 0 and f.stats.retries == 0
+    assert (d.status, d.attempts) == ("invalid", 0), d.error
+    assert d.error.startswith("invalid URL") and not is_transient(d.status, d.http_status)
+
+
+async def test_redirect_to_an_unparsable_url_is_a_plain_http_error() -> None:
+    cat = Catalogue(kind="t", seed=0)
+    cat.add(Item(id="r", path="/r", split="train", label=1, body=None, fault="redirect_private",
+                 status=302, params={"location": "http://999.1.1.1/x.jpg"}))
+    async with SampleServer(cat) as srv:
+        async with Fetcher(cfg()) as f:
+            d = await f.fetch(srv.url("/r"))
+    assert (d.status, d.http_status, d.attempts) == ("http_error", 302, 1) and "redirect" in d.error
+
+
+# --- the body budget (issue #14) --------------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+async def test_budget_never_deadlocks_and_stays_within_limit_plus_one_body() -> None:
+    budget = ByteBudget(8 * MIB)
+    order: list[int] = []
+
+    async def body(i: int, size: int) -> None:
+        hold = budget.hold()
+        await hold.resize(384 * 1024)
+        while hold.n < size:  # a body without Content-Length, growing step by step
+            await hold.resize(hold.n + MIB)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.005)  # the image work
+        order.append(i)
+        hold.release()
+
+    # 30 bodies of 5 MiB each against 8 MiB: without the overdraft they would all stall half-read.
+    await asyncio.wait_for(asyncio.gather(*(body(i, 5 * MIB) for i in range(30))), 20)
+    assert sorted(order) == list(range(30)) and budget.held == 0
+    assert 8 * MIB < budget.peak <= 8 * MIB + 5 * MIB + 384 * 1024
+    # A body larger than the whole budget gets through on its own.
+    await asyncio.wait_for(body(99, 12 * MIB), 5)
+    assert budget.held == 0
+
+
+async def test_budget_serves_in_order_and_survives_cancelled_waiters() -> None:
+    budget = ByteBudget(4 * MIB)
+    first = budget.hold()
+    await first.resize(3 * MIB)
+    big, small = budget.hold(), budget.hold()
+    big_task = asyncio.create_task(big.resize(2 * MIB))
+    await asyncio.sleep(0)
+    small_task = asyncio.create_task(small.resize(MIB // 2))  # fits, but must not jump the queue
+    cancelled = asyncio.create_task(budget.hold().resize(MIB))
+    await asyncio.sleep(0.01)
+    assert not big_task.done() and not small_task.done()
+    cancelled.cancel()
+    first.release()
+    await asyncio.wait_for(asyncio.gather(big_task, small_task), 2)
+    assert budget.held == 2 * MIB + MIB // 2
+    big.release(), small.release()
+    assert budget.held == 0 and not budget._waiters
+
+
+async def test_waiting_for_the_budget_does_not_count_against_the_timeout() -> None:
+    cat = Catalogue(kind="t", seed=0)
+    body = b"\xff\xd8\xff" + bytes(700_000)
+    for i in range(3):
+        cat.add(Item(id=f"b{i}", path=f"/b{i}", split="train", label=1, body=body))  # with Content-Length
+        cat.add(Item(id=f"c{i}", path=f"/c{i}", split="train", label=1, body=None, fault="oversize_chunked",
+                     params={"total_bytes": 700_000, "chunked": True}))
+    budget = ByteBudget(MIB)  # one body and a bit: the rows queue for it
+
+    async def row(f: Fetcher, path: str):
+        d = await f.fetch(srv.url(path))
+        await asyncio.sleep(0.7)  # the body stays held (the image work) for longer than --timeout
+        size = len(d.body or b"")
+        d.release()
+        return d, size
+
+    async with SampleServer(cat) as srv:
+        async with Fetcher(cfg(timeout=0.5, retries=0), budget=budget) as f:
+            t = time.monotonic()
+            results = await asyncio.gather(*(row(f, it.path) for it in cat.listed()))
+            elapsed = time.monotonic() - t
+    # Rows that got their headers, then waited for the budget longer than --timeout, are ok.
+    assert [(d.status, d.attempts) for d, _ in results] == [("ok", 1)] * 6, [d.error for d, _ in results]
+    assert all(size >= 700_000 for _, size in results)
+    assert elapsed > 6 * 0.7 / 2, "bodies were held one or two at a time"
+    assert budget.held == 0 and budget.peak <= MIB + 20 * MIB

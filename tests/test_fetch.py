@@ -374,3 +374,127 @@ def test_preload_imports_on_a_thread_and_stays_silent_on_failure(capfd) -> None:
     _preload("imatdata_no_such_module").join(10)  # the real import reports it later
     assert "imatdata_no_such_module" not in sys.modules
     assert capfd.readouterr().err == ""
+
+
+# --- a rerun never deletes rows silently (issue #14) -----------------------------------------------
+
+
+def _disk(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_rerun_that_would_delete_rows_refuses_unless_prune(tmp_path: Path) -> None:
+    cat = small_catalogue(6)
+    root = tmp_path / "m"
+    with serve_in_thread(cat) as srv:
+        lists = write_lists(cat, srv, tmp_path / "lists")
+        code, _, err = cli(str(lists["train"]), "--root", str(root), *FAST)
+        assert code == 0, err
+        # Another list under the same split: none of its ids are stored, all 6 stored rows would go.
+        other = tmp_path / "other" / "extra.json"
+        other.parent.mkdir()
+        other.write_text(json.dumps({"images": [{"id": "new.jpg", "url": srv.url("/ok/0"), "class": 1}]}))
+        before, requests = _disk(root), srv.total_requests
+        for args in ([str(lists["train"]), "--limit", "2"], [str(other), "--split", "train"]):
+            code, out, err = cli(*args, "--root", str(root), *FAST)
+            assert code == 2, (args, err)
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in err, err
+            gone = 4 if "--limit" in args else 6
+            assert f"train: {gone} rows ({gone} ok images)" in lines[0] and "--prune" in lines[0], lines[0]
+            assert _disk(root) == before, "nothing on disk changed"
+            assert srv.total_requests == requests, "nothing was fetched"
+        # With --prune it goes ahead: only the first two records are left.
+        code, _, err = cli(str(lists["train"]), "--limit", "2", "--prune", "--root", str(root), *FAST)
+        assert code == 0, err
+        assert srv.total_requests == requests
+    assert sorted(r["id"] for r in rows(root)) == sorted(it.id for it in cat.listed("train"))[:2]
+    summary = json.loads((root / "raw" / SUMMARY_NAME).read_text())
+    assert summary["rows_dropped_not_in_input"] == 4
+
+
+def test_growing_the_list_or_retrying_needs_no_prune(tmp_path: Path) -> None:
+    cat = small_catalogue(5)
+    root = tmp_path / "m"
+    with serve_in_thread(cat) as srv:
+        lists = write_lists(cat, srv, tmp_path / "lists")
+        fetch_lib([lists["train"]], root, limit=2)
+        fetch_lib([lists["train"]], root)  # more records than before: nothing would be deleted
+        fetch_lib([lists["train"]], root, retry_failed=True)
+        requests = srv.total_requests
+        assert requests == 5
+        # The library refuses too: a list of the first record alone would delete the other four.
+        with pytest.raises(UserError, match=r"train: 4 rows \(4 ok images\)"):
+            fetch_lib([lists["train"]], root, limit=1)
+        assert srv.total_requests == requests
+    assert len(rows(root)) == 5
+
+
+# --- memory is bounded in bytes, not in requests (issue #14) ---------------------------------------
+
+
+def _bench_memory():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_large_bodies_from_many_hosts_stay_within_the_memory_budget(tmp_path: Path) -> None:
+    # bench/memory.py scaled down: 32 bodies of 8 MiB from 8 loopback hosts, all in flight at
+    # once under the default caps (256 slots, 16 per host). Held whole, as before the budget,
+    # they took the process tree to ~830 MiB; with --memory 16MiB it stays near 240 MiB.
+    bench = _bench_memory()
+    result = bench.run_case(tmp_path, n=32, hosts=8, size=8 * bench.MIB, extra=["--memory", "16MiB", "--workers", "2"])
+    assert result.records == 32 and result.statuses == {"not_image": 32}
+    assert result.peak_tree < 400 * bench.MIB, result.line()
+
+
+def test_memory_option_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--memory"):
+        NetConfig(memory=1000)
+    src = tmp_path / "train.json"
+    src.write_text('{"images": [{"id": "a", "url": "http://e.com/a", "class": 1}]}')
+    for value in ("lots", "10KiB"):
+        code, _, err = cli(str(src), "--root", str(tmp_path / "m"), "--quiet", "--memory", value)
+        assert code == 2 and "--memory" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
+
+
+# --- numeric hosts and unparsable URLs (issue #18) --------------------------------------------------
+
+
+def test_numeric_hosts_fetch_and_unparsable_urls_are_invalid_rows(tmp_path: Path) -> None:
+    cat = small_catalogue(2)
+    root = tmp_path / "m"
+    with serve_in_thread(cat) as srv:
+        images = [{"id": "dotted.jpg", "url": f"http://127.1:{srv.port}/ok/0", "class": 1},
+                  {"id": "decimal.jpg", "url": f"http://2130706433:{srv.port}/ok/1", "class": 1},
+                  {"id": "hex.jpg", "url": f"http://0x7f.1:{srv.port}/ok/0", "class": 1},
+                  {"id": "mapped.jpg", "url": f"http://[::ffff:127.0.0.1]:{srv.port}/ok/1", "class": 1},
+                  {"id": "five.jpg", "url": "http://1.2.3.4.5/x.jpg", "class": 1},
+                  {"id": "big.jpg", "url": "http://999.1.1.1/x.jpg", "class": 1},
+                  {"id": "space.jpg", "url": "http://a b/x.jpg", "class": 1}]
+        src = tmp_path / "train.json"
+        src.write_text(json.dumps({"images": images}))
+        fetch_lib([src], tmp_path / "blocked", allow=False)
+        assert srv.total_requests == 0
+        fetch_lib([src], root)
+        assert srv.total_requests == 4
+        fetch_lib([src], root, retry_failed=True)  # invalid is not transient: nothing to retry
+        assert srv.total_requests == 4
+        shards = _disk(root / "raw" / "train")
+        fetch_lib([src], root)  # the invalid rows are finished rows: the shards stay as they are
+        assert _disk(root / "raw" / "train") == shards
+    got = {r["id"]: r for r in rows(root)}
+    assert {i: r["status"] for i, r in got.items()} == {
+        "dotted.jpg": "ok", "decimal.jpg": "ok", "hex.jpg": "ok", "mapped.jpg": "ok",
+        "five.jpg": "invalid", "big.jpg": "invalid", "space.jpg": "invalid"}
+    assert all(r["attempts"] == 0 and r["error"].startswith("invalid URL") for r in got.values()
+               if r["status"] == "invalid")
+    blocked = {r["id"]: r["status"] for r in rows(tmp_path / "blocked")}
+    assert [blocked[i] for i in ("dotted.jpg", "decimal.jpg", "hex.jpg", "mapped.jpg")] == ["blocked"] * 4

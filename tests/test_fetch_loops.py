@@ -141,3 +141,14 @@ def test_a_loop_killed_mid_run_is_one_clear_error_and_rerun_resumes(tmp_path: Pa
     got = rows(root)
     assert len(got) == n and len({r["id"] for r in got}) == n
     assert all(r["status"] == "ok" for r in got)
+
+
+def test_loops_share_the_memory_budget_and_large_bodies_still_pass(tmp_path: Path) -> None:
+    # --memory 2MiB over two loops is 1 MiB each, less than one 3 MiB body: each loop lets one
+    # body at a time go over its share, so every row completes (no deadlock, no timeout).
+    from test_fetch import _bench_memory
+
+    bench = _bench_memory()
+    result = bench.run_case(tmp_path, n=8, hosts=4, size=3 * bench.MIB, chunked=True,
+                            extra=["--loops", "2", "--workers", "2", "--memory", "2MiB", "--timeout", "10"])
+    assert result.records == 8 and result.statuses == {"not_image": 8}

@@ -6,8 +6,12 @@ import asyncio
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from imatdata.imagepool import ImagePool
@@ -125,3 +129,83 @@ def test_a_worker_that_fails_as_a_program_stops_the_run_with_a_clear_error() -> 
 
     with pytest.raises(UserError, match="exited with code 1 before its first answer"):
         asyncio.run(run())
+
+
+def test_heavy_images_wait_for_the_pool_s_heavy_slot() -> None:
+    """A large image is decoded only while its worker holds the slot; a small one needs none."""
+    import fcntl
+
+    heavy = encode(Image.new("RGBA", (2100, 2100), (1, 2, 3, 200)), "png")  # 17 MiB of pixels
+    light = encode(Image.new("RGB", (900, 600), (40, 50, 60)), "jpeg")
+
+    async def run() -> tuple[bool, str, str]:
+        pool = ImagePool(2, 512, 10**9)
+        await pool.start()
+        try:
+            fd = pool._lock_file.fileno()
+            fcntl.lockf(fd, fcntl.LOCK_EX)  # this process holds the slot: workers must wait
+            try:
+                small = await asyncio.wait_for(pool.process(light), 60)
+                big = asyncio.ensure_future(pool.process(heavy))
+                await asyncio.sleep(1.5)
+                waited = not big.done()
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+            return waited, small.status, (await asyncio.wait_for(big, 60)).status
+        finally:
+            await pool.close()
+
+    assert asyncio.run(run()) == (True, "ok", "ok")
+
+
+SHADOW = """
+import pathlib
+pathlib.Path({marker!r}).write_text("a struct.py in the current directory was imported")
+raise ImportError("shadowing module")
+"""
+
+
+def shadowing_cwd(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder holding a struct.py that leaves a marker file when imported."""
+    cwd, marker = tmp_path / "cwd", tmp_path / "marker"
+    cwd.mkdir()
+    (cwd / "struct.py").write_text(SHADOW.format(marker=str(marker)))
+    # The trap works: a Python started with -m from there imports it.
+    subprocess.run([sys.executable, "-m", "imatdata.imagepool"], cwd=cwd, capture_output=True, timeout=60)
+    assert marker.exists()
+    marker.unlink()
+    return cwd, marker
+
+
+def test_workers_do_not_import_modules_from_the_current_directory(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd, marker = shadowing_cwd(tmp_path)
+    monkeypatch.chdir(cwd)
+    data = bodies()
+
+    async def run() -> list:
+        pool = ImagePool(2, 512, 10**9)
+        await pool.start()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(pool.process(b) for b in data)), 120)
+        finally:
+            await pool.close()
+
+    results = asyncio.run(run())
+    assert not marker.exists()
+    assert [r.status for r in results][:6] == ["ok"] * 6
+
+
+def test_fetch_run_from_a_folder_with_a_shadowing_module_ignores_it(tmp_path: Path, sample_server_thread) -> None:
+    from imatdata.sample import write_lists
+
+    cwd, marker = shadowing_cwd(tmp_path)
+    lists = write_lists(sample_server_thread.catalogue, sample_server_thread, tmp_path / "lists")
+    # The installed console script, as a user runs it (`python -m` would put the folder on
+    # the parent's own path: that is the user's choice, not fetch's).
+    script = Path(sys.executable).with_name("imatdata")
+    proc = subprocess.run([str(script), "fetch", str(lists["val"]), "--root", str(tmp_path / "root"),
+                           "--allow-private", "--quiet", "--workers", "2", "--retries", "0", "--timeout", "5"],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()

@@ -6,7 +6,9 @@ import hashlib
 import io
 import random
 import struct
+import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +191,140 @@ def test_corrupt_exif_is_not_fatal() -> None:
     bad = body[:2] + b"\xff\xe1" + struct.pack(">H", len(junk) + 2) + junk + body[2:]
     res = process_image(bad)
     assert res.status == "ok" and (res.width, res.height) == (50, 40)
+
+
+# --- decoding memory (issue #14) -----------------------------------------------------------------
+
+
+def png_header(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:
+    """A PNG whose header claims this size and pixel format (its pixels are never reached)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("body, needs", [
+    (png_header(9000, 9000, 16, 0), "9000x9000 I;16 png needs 155 MiB"),  # 16-bit grey
+    (png_header(9000, 9000, 8, 6), "9000x9000 RGBA png needs 309 MiB"),
+    (png_header(6000, 6000, 8, 2), "6000x6000 RGB png needs 138 MiB"),
+])
+def test_images_too_dear_to_decode_are_refused_from_the_header(body: bytes, needs: str) -> None:
+    from imatdata.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS
+
+    t = time.perf_counter()
+    res = process_image(body)
+    assert time.perf_counter() - t < 0.5  # nothing decoded
+    assert res.status == "too_large"
+    assert needs in (res.error or "") and "over the limit of 128 MiB per image" in (res.error or "")
+    assert DEFAULT_MAX_DECODE_BYTES == 128 * 2**20 and 9000 * 9000 <= DEFAULT_MAX_PIXELS  # under the pixel cap
+
+
+def test_a_progressive_jpeg_counts_its_coefficient_buffer() -> None:
+    from imatdata.sample import jpeg_bomb
+
+    progressive = encode(rgb((64, 48)), "jpeg", progressive=True)
+    assert process_image(progressive).status == "ok"
+    # Baseline JPEGs decode at 1/8 scale whatever their size; a progressive one still needs
+    # every DCT coefficient of the full image (here 9000x9000, 4:2:0: ~232 MiB).
+    res = process_image(jpeg_bomb(progressive, 9000, 9000))
+    assert res.status == "too_large" and "9000x9000 RGB jpeg needs" in (res.error or "")
+    baseline = process_image(jpeg_bomb(encode(rgb((64, 48)), "jpeg"), 9000, 9000))
+    assert baseline.status != "too_large"  # 1/8 scale: ~5 MiB (the patched file fails to decode)
+
+
+def test_normal_photos_are_accepted_without_the_heavy_slot() -> None:
+    entered: list[int] = []
+
+    class Slot:
+        def __enter__(self) -> None:
+            entered.append(1)
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    camera = encode(Image.new("RGB", (6000, 4000), (120, 80, 40)), "jpeg", quality=85)
+    for body in (encode(rgb((900, 640)), "jpeg"), encode(rgb((640, 800)), "jpeg"), camera):
+        res = process_image(body, heavy_slot=Slot)
+        assert res.status == "ok" and max(res.width, res.height) == 512
+    assert entered == []
+    big_png = encode(Image.new("RGBA", (2100, 2100), (1, 2, 3, 200)), "png")  # 17 MiB of pixels
+    res = process_image(big_png, heavy_slot=Slot)
+    assert res.status == "ok" and (res.width, res.height) == (512, 512) and entered == [1]
+
+
+def _tiff(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "TIFF")
+    return out.getvalue()
+
+
+def _strip_cases() -> dict[str, bytes]:
+    base = rgb((900, 620), seed=5)
+    rgba = base.convert("RGBA")
+    alpha = Image.linear_gradient("L").resize(base.size)
+    rgba.putalpha(alpha)
+    pal = base.quantize(colors=32)
+    grey16 = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 200 + 300).astype(np.uint16))
+    grey32 = Image.fromarray(np.asarray(base.convert("L"), dtype=np.int32) * 1000 - 5000)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "rgb": encode(base, "png"),
+        "rgba": encode(rgba, "png"),
+        "palette+transparency": encode(pal, "png", transparency=pal.getpixel((0, 0))),
+        "grey16": encode(grey16, "png"),
+        "grey32": _tiff(grey32),
+        "la": encode(base.convert("LA"), "png"),
+        "cmyk": encode(base.convert("CMYK"), "jpeg", quality=95),
+        "rotated": encode(base, "png", exif=exif.tobytes()),
+    }
+
+
+@pytest.mark.parametrize("max_side", [512, 200, 0])
+def test_conversion_in_strips_gives_the_same_picture(monkeypatch: pytest.MonkeyPatch, max_side: int) -> None:
+    from imatdata import images
+
+    cases = _strip_cases()
+    whole = {name: process_image(body, max_side=max_side) for name, body in cases.items()}
+    monkeypatch.setattr(images, "STRIP_BYTES", 0)  # every image takes the strip path
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 5000)  # in many strips
+    for name, body in cases.items():
+        res = process_image(body, max_side=max_side)
+        ref = whole[name]
+        assert res.status == ref.status == "ok", name
+        assert (res.width, res.height, res.orig_width, res.orig_height) == \
+            (ref.width, ref.height, ref.orig_width, ref.orig_height), name
+        diff = np.abs(np.asarray(decode(res.image), np.float32) - np.asarray(decode(ref.image), np.float32))
+        assert diff.mean() < 2.5, (name, diff.mean())
+    assert (whole["rotated"].width, whole["rotated"].height) == ((620, 900) if max_side == 0 else
+                                                                 target_size(620, 900, max_side))
+
+
+def test_a_large_image_is_converted_near_its_decoded_size(tmp_path: Path) -> None:
+    """Peak memory of one 3000x3000 RGBA PNG (34 MiB of pixels): converted in strips it grew
+    by 49 MiB (the pixels, a half-size RGB copy, a strip); converted whole, by 114 MiB."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.png"
+    gradient = Image.linear_gradient("L").resize((3000, 3000))
+    Image.merge("RGBA", (gradient, gradient.transpose(Image.Transpose.ROTATE_90), gradient, gradient)).save(path)
+    code = textwrap.dedent(f"""
+        import resource
+        from imatdata.images import process_image
+        body = open({str(path)!r}, "rb").read()
+        process_image(b"\\x89PNG")  # every import done before measuring
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        res = process_image(body)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(res.status, res.width, res.height, (after - before) // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    status, width, height, grew_mib = out.stdout.split()
+    assert (status, width, height) == ("ok", "512", "512")
+    assert int(grew_mib) < 60, out.stdout

@@ -203,3 +203,86 @@ def test_imatdata_runs_without_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+# --- the root, checked before anything is written (issue #14) ------------------------------------
+
+
+def test_resolve_root_refuses_files_and_unwritable_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(m.UserError, match=r"root .*afile is a file, not a folder"):
+        m.resolve_root(afile)
+    with pytest.raises(m.UserError, match=r"root .*afile/sub lies under .*afile, which is a file"):
+        m.resolve_root(afile / "sub")
+    monkeypatch.setenv("IMAT_ROOT", str(afile))
+    with pytest.raises(m.UserError, match="is a file"):
+        m.resolve_root(None)
+    assert m.resolve_root(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"  # made later
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(m, "can_write", lambda folder: False)
+    with pytest.raises(m.UserError, match=r"cannot write there \(it would be made in .*\)"):
+        m.resolve_root(tmp_path / "new")
+    assert m.resolve_root(tmp_path, writable=False) == tmp_path  # readers only need it to exist
+
+
+def unprivileged() -> list[str]:
+    """A command prefix without the right to write where permissions say no (root has it)."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    try:
+        subprocess.run([*prefix, "true"], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("running as root without setpriv: cannot test permission errors")
+    return prefix
+
+
+def test_bad_roots_are_one_line_and_write_nothing_for_every_command(tmp_path: Path) -> None:
+    script = str(Path(sys.executable).with_name("imatdata"))
+    source = tmp_path / "train.json"
+    source.write_text('{"images": [{"id": "a", "url": "http://example.com/a.jpg", "class": 1}]}')
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    cases = [([], afile, "is a file, not a folder"), ([], afile / "sub", "which is a file, not a folder"),
+             (unprivileged(), locked / "root", "cannot write there"), (unprivileged(), locked, "cannot write there")]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    try:
+        for command in (["fetch", str(source)], ["clean"], ["stats"]):
+            for prefix, root, says in cases:
+                proc = subprocess.run([*prefix, script, *command, "--root", str(root)], capture_output=True,
+                                      text=True, timeout=120, cwd=tmp_path)
+                assert proc.returncode == 2, (command, root, proc.stderr)
+                assert proc.stderr.count("\n") == 1 and says in proc.stderr, (command, root, proc.stderr)
+                assert proc.stdout == ""
+    finally:
+        locked.chmod(0o755)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert afile.read_text() == "x"
+
+
+def test_run_lock_excludes_another_process_and_leaves_nothing(tmp_path: Path) -> None:
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from imatdata.errors import UserError
+        from imatdata.manifest import RunLock
+        try:
+            with RunLock(Path({str(tmp_path)!r}), "busy here"):
+                print("got it")
+        except UserError as exc:
+            print(exc)
+    """)
+    with m.RunLock(tmp_path, "busy"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "busy here"
+        with pytest.raises(m.UserError, match="busy"):  # even from this process: flock is per open file
+            with m.RunLock(tmp_path, "busy"):
+                pass
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "got it"
+    assert list(tmp_path.iterdir()) == []  # a folder is locked in place
+    with m.RunLock(tmp_path / "raw" / ".some.lock", "busy"):
+        assert (tmp_path / "raw" / ".some.lock").is_file()

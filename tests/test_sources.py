@@ -221,3 +221,163 @@ def test_scan_streams_without_holding_records(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert result.split_keys["train"].size == 20_000
     assert peak < 3 * 1024 * 1024, f"validation pass peaked at {peak / 1e6:.1f} MB"
+
+
+# --- hardening (issue #14) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1_000, 200_000])
+def test_deeply_nested_json_is_refused_quickly_naming_the_file(tmp_path: Path, depth: int) -> None:
+    import time
+
+    path = tmp_path / "train.json"
+    path.write_text('{"images": [' + json.dumps(good(2))[1:-1] + ", " + "[" * depth + "]" * depth + "]}")
+    t = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        scan([path])
+    assert time.perf_counter() - t < 5
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: record 2: nested deeper than 64 levels") and "\n" not in msg
+    top = tmp_path / "val.json"
+    top.write_text('{"meta": ' + "[" * depth + "]" * depth + ', "images": []}')
+    with pytest.raises(UserError, match=r"val\.json: nested deeper than 64 levels"):
+        scan([top])
+
+
+def test_deeply_nested_json_lines_record_is_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(good(1)[0]) + "\n" + "[" * 200_000 + "]" * 200_000 + "\n")
+    with pytest.raises(UserError, match=r"train\.jsonl: record 1: field 'record': nested too deeply"):
+        scan([path])
+    result = scan([path], skip_invalid=True)
+    assert result.invalid() == 1 and result.records() == 2
+
+
+def test_records_nested_within_the_cap_still_read_like_ijson(tmp_path: Path) -> None:
+    import ijson
+
+    doc = {"info": {"a": [1, {"b": [2]}]}, "images": [
+        {"id": "a", "url": "http://example.com/a.jpg", "extra": [1, [2, {"q": 3}]], "class": 1},
+        5, [1, 2], {"id": {"x": [1]}, "url": "http://example.com/b.jpg"}, {}]}
+    path = write_json(tmp_path / "train.json", doc)
+    from imatdata.sources import _imat_objects
+
+    with open(path, "rb") as fh:
+        assert list(_imat_objects(path)) == list(ijson.items(fh, "images.item"))
+
+
+def test_json_and_json_lines_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
+    recs = good(3)
+    bom_json = tmp_path / "train.json"
+    bom_json.write_bytes(b"\xef\xbb\xbf" + json.dumps({"images": recs}).encode())
+    bom_jsonl = tmp_path / "val.jsonl"
+    bom_jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in recs).encode() + b"\n")
+    for path in (bom_json, bom_jsonl):
+        records = list(read_records(resolve_sources([path])[0]))
+        assert [(r.id, r.url, r.label, r.valid) for r in records] == \
+            [(r["id"], r["url"], r["class"], True) for r in recs]
+    empty = tmp_path / "test.json"
+    empty.write_bytes(b"\xef\xbb\xbf" + b'{"images": []}')
+    with pytest.raises(UserError, match="the list is empty"):  # the BOM is not what gets blamed
+        scan([empty])
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_negative_classes_are_invalid(tmp_path: Path, fmt: str) -> None:
+    recs = good(2) + [{"id": "neg.jpg", "url": "http://example.com/n.jpg", "class": -3}]
+    path = tmp_path / f"train.{fmt}"
+    if fmt == "json":
+        write_json(path, {"images": recs})
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    else:
+        path.write_text("id,url,class\n" + "".join(f"{r['id']},{r['url']},{r['class']}\n" for r in recs))
+    with pytest.raises(UserError) as err:
+        scan([path])
+    assert str(err.value).startswith(f"{path}: record 2: field 'class': -3 is negative")
+    result = scan([path], skip_invalid=True)
+    assert result.sources[0].invalid == {2: "field 'class': -3 is negative; classes are numbered from 0"}
+
+
+def test_lone_surrogates_are_invalid_and_pairs_are_fine(tmp_path: Path) -> None:
+    emoji = '{"id": "\\ud83d\\ude00.jpg", "url": "http://example.com/e.jpg", "class": 1}'
+    lone = '{"id": "x\\ud800", "url": "http://example.com/l.jpg", "class": 1}'
+    plain = json.dumps(good(2))[1:-1]
+    path = tmp_path / "train.json"
+    path.write_text('{"images": [' + plain + ", " + emoji + ", " + lone + "]}")
+    with pytest.raises(UserError) as err:
+        scan([path])
+    assert str(err.value).startswith(f"{path}: record 3: field 'id': 'x\\ud800' holds a lone UTF-16 surrogate")
+    records = list(read_records(resolve_sources([path])[0]))
+    assert [r.valid for r in records] == [True, True, True, False]
+    assert records[2].id == "\U0001F600.jpg"
+    # Far into a big file: the records read before the escape was met are not read twice.
+    many = good(3000)
+    path.write_text('{"images": [' + json.dumps(many)[1:-1] + ", " + emoji + ", " + lone + "]}")
+    records = list(read_records(resolve_sources([path])[0]))
+    assert [r.index for r in records] == list(range(3002))
+    assert [r.id for r in records[:3000]] == [r["id"] for r in many]
+    assert (records[3000].id, records[3001].valid) == ("\U0001F600.jpg", False)
+    lines = tmp_path / "val.jsonl"
+    lines.write_text(emoji + "\n" + lone.replace('"id": "x\\ud800"', '"id": "y"').replace("l.jpg", "\\udfff") + "\n")
+    with pytest.raises(UserError, match=r"val\.jsonl: record 1: field 'url': .* lone UTF-16 surrogate"):
+        scan([lines])
+
+
+def test_unreadable_sources_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imatdata import sources
+
+    folder = tmp_path / "lists.json"
+    folder.mkdir()
+    with pytest.raises(UserError, match=r"lists\.json: not a file \(a folder"):
+        resolve_sources([folder])
+    path = imat(tmp_path, good(2))
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(sources, "open", denied, raising=False)
+    with pytest.raises(UserError, match=r"train\.json: cannot read it \(permission denied\)"):
+        resolve_sources([path])
+    source = sources.Source(path, "train", "imat")
+    with pytest.raises(UserError, match=r"train\.json: cannot read it \(permission denied\)"):
+        list(read_records(source))
+
+
+def test_bad_sources_through_the_cli_are_one_line_exit_2_and_write_nothing(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = str(Path(sys.executable).with_name("imatdata"))
+    bad = {
+        "deep.json": ('{"images": [' + "[" * 200_000 + "]" * 200_000 + "]}", "nested deeper than 64 levels"),
+        "deep1k.json": ('{"images": [' + "[" * 1_000 + "]" * 1_000 + "]}", "nested deeper than 64 levels"),
+        "negative.json": (json.dumps({"images": [{"id": "a", "url": "http://example.com/a", "class": -1}]}),
+                          "record 0: field 'class': -1 is negative"),
+        "surrogate.json": ('{"images": [{"id": "\\udc00", "url": "http://example.com/a", "class": 1}]}',
+                           "record 0: field 'id': '\\udc00' holds a lone UTF-16 surrogate"),
+    }
+    cases = []
+    for name, (text, says) in bad.items():
+        (tmp_path / name).write_text(text)
+        cases.append(([], name, says))
+    (tmp_path / "folder.json").mkdir()
+    cases.append(([], "folder.json", "not a file"))
+    if os.geteuid() != 0:
+        prefix: list[str] = []
+    else:  # root reads anything: drop that right (see tests/test_manifest.py)
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+        if subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+            prefix = []
+    if prefix or os.geteuid() != 0:
+        secret = write_json(tmp_path / "secret.json", {"images": good(1)})
+        secret.chmod(0)
+        cases.append((prefix, "secret.json", "cannot read it (permission denied)"))
+    for prefix, name, says in cases:
+        proc = subprocess.run([*prefix, script, "fetch", name, "--root", str(tmp_path / "root"), "--quiet"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert proc.stderr.startswith(f"imatdata: error: {name}") and proc.stderr.count("\n") == 1, proc.stderr
+        assert says in proc.stderr, proc.stderr
+        assert not (tmp_path / "root").exists()

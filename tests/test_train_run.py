@@ -85,7 +85,7 @@ def test_learns_writes_run_files_and_checkpoints_reload(data: Path, tmp_path: Pa
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(data: Path, tmp_path: Path) -> None:
