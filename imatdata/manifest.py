@@ -172,10 +172,6 @@ class RunLock:
             self._fd = None
 
 
-def stage_dir(root: Path, stage: str) -> Path:
-    return root / stage
-
-
 def split_dir(root: Path, stage: str, split: str) -> Path:
     return root / stage / split
 

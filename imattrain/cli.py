@@ -45,11 +45,6 @@ def user_errors() -> AbstractContextManager[None]:
     return _user_errors("imattrain", "rerun with --resume to continue")
 
 
-def run_command(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    with user_errors():
-        return fn(*args, **kwargs)
-
-
 # --- run ---------------------------------------------------------------------------------------
 
 _PANELS = {

@@ -42,16 +42,6 @@ def env_world() -> World:
     return World(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
-def resolve_device(requested: str, world: World) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but CUDA is not available here; use --device cpu")
-        index = world.local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
-
-
 def init(world: World, device: torch.device) -> None:
     """Join the process group (nccl on CUDA, gloo on CPU) when launched by torchrun."""
     if not world.distributed or dist.is_initialized():

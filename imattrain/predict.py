@@ -40,6 +40,7 @@ from torch import nn
 
 from imatdata.errors import UserError
 from imatdata.manifest import read_table, write_bytes_atomic, write_table_atomic
+from imattrain.runtime import autocast_dtype, resolve_device
 
 TTA_MODES = ("none", "flip", "five-crop")
 DEFAULT_TAU_GRID = tuple(round(0.1 * i, 2) for i in range(0, 21))  # 0.0 .. 2.0
@@ -324,29 +325,6 @@ class Predictions:
     has_image: np.ndarray  # (N,) bool
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"--device must be auto, cpu or cuda (got {name!r})")
-    return torch.device(name)
-
-
-def _autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
-    if amp not in ("auto", "none", "bf16", "fp16"):
-        raise UserError(f"--amp must be auto, none, bf16 or fp16 (got {amp!r})")
-    if amp == "none":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    # auto: bf16 where it is fast (CUDA); CPU autocast is often slower than float32.
-    return torch.bfloat16 if device.type == "cuda" else None
-
-
 def _group_by_input(checkpoints: Sequence[LoadedCheckpoint], tta: str) -> list[list[LoadedCheckpoint]]:
     # Models trained at one size share one pass over the data (decode once, run all).
     groups: dict[tuple[int, int], list[LoadedCheckpoint]] = {}
@@ -378,7 +356,7 @@ def infer(checkpoints: Sequence[LoadedCheckpoint], data_dir: Path, split: str, *
     if batch_size < 1 or workers < 0:
         raise UserError("--batch-size must be at least 1 and --workers not negative")
     device = device or resolve_device()
-    dtype = _autocast_dtype(device, amp)
+    dtype = autocast_dtype(amp, device)
     index = scan_split(data_dir, split)
     all_ids = split_row_ids(index)
     position = {row_id: i for i, row_id in enumerate(all_ids)}
