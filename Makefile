@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo install clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sample/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,dev]' -e ./sample
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -36,7 +36,7 @@ from imatdata.manifest import RAW_SCHEMA, ShardWriter
 
 def photos(n: int, seed: int) -> list[bytes]:
     try:
-        from imatdata.sample import photo_corpus
+        from imatsample import photo_corpus
     except ImportError:  # the sample module is optional for this script
         photo_corpus = None
     if photo_corpus is not None:

@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from imatdata.images import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS, process_image
-from imatdata.sample import Catalogue, TinyRange, big_catalogue, photo_corpus, write_lists
+from imatsample import Catalogue, TinyRange, big_catalogue, photo_corpus, write_lists
 
 ROOT = Path(__file__).resolve().parents[1]
 IMATDATA = [sys.executable, "-m", "imatdata"]

@@ -31,7 +31,7 @@ TARGET_WAIT = 0.05
 
 def make_shards(root: Path, n: int, classes: int) -> Path:
     from imatdata.manifest import CLEAN_SCHEMA, ShardWriter
-    from imatdata.sample import photo_corpus
+    from imatsample import photo_corpus
 
     photos = photo_corpus(n, seed=0, min_side=448, max_side=512, lazy=True)
     now = datetime.now(timezone.utc)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/imbalance.py [--epochs 9] [--out /tmp/imat-bench-imbalance]
 
-The set mimics the 2019 imbalance: 10 classes of rendered "products" (imatdata.sample's
+The set mimics the 2019 imbalance: 10 classes of rendered "products" (imatsample's
 render_product, 32 px) with train counts geometric from 60 down to 9 (6.7x; ~280 images),
 and a balanced validation split (10 per class) — the competition's val and test are far
 flatter than its train. Every row trains the same small model (shufflenet_v2_x0_5 from
@@ -57,7 +57,7 @@ def write_data(folder: Path, seed: int = 0, val_per_class: int = VAL_PER_CLASS) 
     from datetime import datetime, timezone
 
     from imatdata.manifest import CLEAN_SCHEMA, ShardWriter
-    from imatdata.sample import render_product
+    from imatsample import render_product
 
     rng = random.Random(seed)
     stamp = datetime(2026, 1, 1, tzinfo=timezone.utc)

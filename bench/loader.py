@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from imatdata.manifest import CLEAN_SCHEMA, ShardWriter
-from imatdata.sample import photo_corpus
+from imatsample import photo_corpus
 from imattrain.config import TrainConfig
 from imattrain.data import ShardStream, build_loader
 from imattrain.transforms import BasicAugment, build_train_transform

@@ -45,7 +45,7 @@ def start_server(data_dir: Path, seed: int) -> subprocess.Popen:
     data_dir.mkdir(parents=True, exist_ok=True)
     info = data_dir / "server.json"
     info.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "imatdata.sample", "serve", "--out", str(data_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "imatsample", "serve", "--out", str(data_dir),
                              "--kind", "demo", "--seed", str(seed)])
     deadline = time.monotonic() + 60
     while not info.exists():

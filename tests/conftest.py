@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imatdata.sample import Catalogue, SampleServer, build_catalogue, serve_in_thread, write_lists
+from imatsample import Catalogue, SampleServer, build_catalogue, serve_in_thread, write_lists
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from imatdata.download import (AddressPolicy, ByteBudget, Fetcher, GuardedResolv
                                backoff_delay, canonical_host, embedded_ipv4, literal_ip, parse_retry_after,
                                robots_opt_out)
 from imatdata.errors import UserError
-from imatdata.sample import Catalogue, Item, SampleServer, build_catalogue, encode, render_product
+from imatsample import Catalogue, Item, SampleServer, build_catalogue, encode, render_product
 
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 

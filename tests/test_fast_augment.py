@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from imatdata.sample import photo_corpus
+from imatsample import photo_corpus
 from imattrain.config import TrainConfig
 from imattrain.data import build_loader
 from imattrain.transforms import (

@@ -25,7 +25,7 @@ from imatdata.download import NetConfig
 from imatdata.errors import UserError
 from imatdata.fetch import JOURNAL_DIR, SUMMARY_NAME, FetchOptions, _preload, journal_dir, parse_size, run_fetch
 from imatdata.manifest import RAW_SCHEMA, list_shards, read_table
-from imatdata.sample import (Catalogue, Item, big_catalogue, build_catalogue, encode, render_product,
+from imatsample import (Catalogue, Item, big_catalogue, build_catalogue, encode, render_product,
                              serve_in_thread, write_lists)
 
 FAST = ["--allow-net", "127.0.0.0/8", "--timeout", "2", "--retries", "2", "--quiet"]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from imatdata import fetch
 from imatdata.fetch import journal_dir
 from imatdata.manifest import list_shards
-from imatdata.sample import Catalogue, Item, big_catalogue, build_catalogue, serve_in_thread, write_lists
+from imatsample import Catalogue, Item, big_catalogue, build_catalogue, serve_in_thread, write_lists
 from test_fetch import FAST, cli, fetch_lib, group_gone, kill_fetch, rows, spawn_fetch, wait_while_running
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from imatdata.sample import photo_corpus
+from imatsample import photo_corpus
 from imattrain.cli import app
 from imattrain.data import gpu_decode_batch
 from train_shards import make_dataset

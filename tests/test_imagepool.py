@@ -16,7 +16,7 @@ from PIL import Image
 
 from imatdata.imagepool import ImagePool
 from imatdata.images import process_image
-from imatdata.sample import encode, render_product
+from imatsample import encode, render_product
 
 
 def bodies() -> list[bytes]:
@@ -197,7 +197,7 @@ def test_workers_do_not_import_modules_from_the_current_directory(tmp_path: Path
 
 
 def test_fetch_run_from_a_folder_with_a_shadowing_module_ignores_it(tmp_path: Path, sample_server_thread) -> None:
-    from imatdata.sample import write_lists
+    from imatsample import write_lists
 
     cwd, marker = shadowing_cwd(tmp_path)
     lists = write_lists(sample_server_thread.catalogue, sample_server_thread, tmp_path / "lists")

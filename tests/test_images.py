@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from imatdata.images import RESIZE_FILTERS, process_image, sniff, target_size, to_rgb
-from imatdata.sample import encode, jpeg_bomb, png_bomb, render_product
+from imatsample import encode, jpeg_bomb, png_bomb, render_product
 
 
 def rgb(size: tuple[int, int], seed: int = 0) -> Image.Image:
@@ -225,7 +225,7 @@ def test_images_too_dear_to_decode_are_refused_from_the_header(body: bytes, need
 
 
 def test_a_progressive_jpeg_counts_its_coefficient_buffer() -> None:
-    from imatdata.sample import jpeg_bomb
+    from imatsample import jpeg_bomb
 
     progressive = encode(rgb((64, 48)), "jpeg", progressive=True)
     assert process_image(progressive).status == "ok"

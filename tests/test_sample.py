@@ -21,7 +21,7 @@ import imagehash
 import pytest
 from PIL import Image, ImageOps
 
-from imatdata.sample import (
+from imatsample import (
     EXPECTED_STATUSES, HOSTS, PRIVATE_REDIRECT, Catalogue, Item, SampleServer, big_catalogue,
     build_catalogue, encode, jpeg_bomb, photo_corpus, product_classes, product_style, render_product,
     serve_in_thread, write_lists,
@@ -416,7 +416,7 @@ async def test_big_catalogue_serves_by_pattern(tmp_path: Path) -> None:
 
 def test_serve_cli(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "imatdata.sample", "serve", "--out", str(tmp_path),
+    proc = subprocess.Popen([sys.executable, "-m", "imatsample", "serve", "--out", str(tmp_path),
                              "--kind", "faults"], stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline() if proc.stdout else ""

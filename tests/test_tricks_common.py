@@ -1,33 +1,21 @@
-"""Shared helpers for the tricks tests (no tests here): tiny clean shards of rendered products."""
+"""Tiny clean shards of rendered products for the tricks tests (a helper module, no tests)."""
 
 from __future__ import annotations
 
-import io
 import random
-from datetime import datetime, timezone
 from pathlib import Path
 
-from imatdata.manifest import CLEAN_SCHEMA, ShardWriter
-from imatdata.sample import render_product
+from imatsample import render_product
+from imatsample.shards import jpeg, manifest_row, write_shards
 
 
 def _jpeg(label: int, rng: random.Random, size: int) -> bytes:
-    buf = io.BytesIO()
-    render_product(label, rng, size).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return jpeg(render_product(label, rng, size))
 
 
 def _row(split: str, row_id: str, label: int | None, image: bytes | None, size: int) -> dict:
-    ok = image is not None
-    return {
-        "id": row_id, "split": split, "label": label, "url": f"http://127.0.0.1/{row_id}",
-        "status": "ok" if ok else "http_error", "error": None if ok else "404",
-        "http_status": 200 if ok else 404, "attempts": 1, "image": image,
-        "image_format": "jpeg" if ok else None, "width": size if ok else None,
-        "height": size if ok else None, "orig_width": size if ok else None,
-        "orig_height": size if ok else None, "orig_bytes": len(image) if ok else None,
-        "sha256": None, "fetched_at": datetime(2026, 1, 1, tzinfo=timezone.utc), "phash": 0,
-    }
+    return manifest_row(row_id, split, label, image, size=(size, size), phash=0,
+                        error=None if image is not None else "404")
 
 
 def write_dataset(data_dir: Path, train_counts: list[int], *, val_per_class: int = 4, test_rows: int = 12,
@@ -52,9 +40,8 @@ def write_dataset(data_dir: Path, train_counts: list[int], *, val_per_class: int
                 missing = i % step == 1 and sum(r["image"] is None for r in rows) < test_missing
                 img = None if missing else _jpeg(i % len(train_counts), rng, size)
                 rows.append(_row(split, f"{i:04x}ab.jpg", None, img, size))
-        with ShardWriter(data_dir / split, schema=CLEAN_SCHEMA, shard_rows=5 * row_group_rows,
-                         row_group_rows=row_group_rows) as w:
-            w.write_rows(rows)
+        write_shards(data_dir / split, rows, shard_rows=5 * row_group_rows,
+                     row_group_rows=row_group_rows)
     return data_dir
 
 
