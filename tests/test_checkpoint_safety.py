@@ -29,7 +29,7 @@ from imattrain.checkpoint import (
 )
 from imattrain.cli import app
 from imattrain.models import build_model, load_pretrained
-from test_tricks_common import single_thread_torch, write_dataset
+from tricks_shards import single_thread_torch, write_dataset
 
 _one_thread = pytest.fixture(autouse=True)(single_thread_torch)
 runner = CliRunner()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from imatdata.manifest import read_table
 from imattrain.cli import app
 from imattrain.predict import read_probs
-from test_tricks_common import single_thread_torch, write_dataset
+from tricks_shards import single_thread_torch, write_dataset
 
 COUNTS = [24, 12, 6, 4]
 _one_thread = pytest.fixture(autouse=True)(single_thread_torch)

@@ -19,7 +19,7 @@ from imattrain.tricks.hierarchy import (
 )
 from imattrain.lrfind import lr_range_test, plot_lr_find, suggest
 from imattrain.tricks.two_stage import retrain_classifier
-from test_tricks_common import single_thread_torch, write_dataset
+from tricks_shards import single_thread_torch, write_dataset
 
 COUNTS = [24, 12, 6, 4]
 _one_thread = pytest.fixture(autouse=True)(single_thread_torch)
