@@ -179,7 +179,9 @@ def eval_command(
     root: Optional[str] = _ROOT_OPT,
     split: str = typer.Option("val", "--split", help="Labelled split to evaluate."),
     tta: str = _TTA_OPT,
-    tau: float = typer.Option(0.0, "--tau", help="Logit adjustment: log p - tau * log(train prior)."),
+    tau: Optional[float] = typer.Option(None, "--tau", show_default=False,
+                                        help="Logit adjustment: log p - tau * log(train prior) "
+                                             "\\[default: the run's --tau, else 0]."),
     tune_tau: bool = typer.Option(False, "--tune-tau",
                                   help="Choose tau on this split by top-3 error (grid: --tau-grid)."),
     tau_grid: Optional[str] = typer.Option(None, "--tau-grid", show_default=False,
@@ -263,7 +265,9 @@ def predict_command(
     root: Optional[str] = _ROOT_OPT,
     split: str = typer.Option("test", "--split", help="Split to predict (every row gets a line)."),
     tta: str = _TTA_OPT,
-    tau: float = typer.Option(0.0, "--tau", help="Logit adjustment (e.g. the value eval --tune-tau chose)."),
+    tau: Optional[float] = typer.Option(None, "--tau", show_default=False,
+                                        help="Logit adjustment (e.g. the value eval --tune-tau chose) "
+                                             "\\[default: the run's --tau, else 0]."),
     probs: Optional[Path] = typer.Option(None, "--probs", show_default=False,
                                          help="Also write per-class probabilities (Parquet: id, probs)."),
     batch_size: int = typer.Option(128, "--batch-size", help="Images per inference batch.", rich_help_panel=_INFER_PANEL),

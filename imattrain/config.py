@@ -127,7 +127,8 @@ class TrainConfig:
     two_stage: bool = _opt(False, "After the main run, re-train the classifier on "
                                   "class-balanced batches.", group="imbalance")
     two_stage_epochs: int = _opt(2, "Epochs of the classifier re-training.", group="imbalance")
-    tau: float = _opt(0.0, "Post-hoc logit adjustment strength at eval/predict (0: off).",
+    tau: float = _opt(0.0, "Post-hoc logit adjustment that eval and predict apply to this run's "
+                           "checkpoints unless their --tau says otherwise (0: off).",
                       group="imbalance")
     tree: str | None = _opt(None, "Product tree JSON: adds hierarchical (level) heads and "
                                   "loss.", group="imbalance")

@@ -265,6 +265,7 @@ class LoadedCheckpoint:
     eval_resize: int
     num_classes: int
     class_counts: np.ndarray
+    tau: float = 0.0  # the run's --tau: the default logit adjustment for its checkpoints
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -304,7 +305,8 @@ def load_checkpoints(paths: Sequence[Path], device: torch.device, *, use_ema: bo
         num_classes = int(ckpt["num_classes"])
         counts = np.asarray(ckpt.get("class_counts") if ckpt.get("class_counts") is not None
                             else np.zeros(num_classes), dtype=np.float64)
-        loaded.append(LoadedCheckpoint(path, model, image_size, int(resize), num_classes, counts))
+        loaded.append(LoadedCheckpoint(path, model, image_size, int(resize), num_classes, counts,
+                                       float(cfg.get("tau") or 0.0)))
     sizes = {c.num_classes for c in loaded}
     if len(sizes) > 1:
         raise UserError(f"the checkpoints disagree on the number of classes ({sorted(sizes)}); "
@@ -437,14 +439,20 @@ class EvalReport:
         return out
 
 
+def _check_tau(tau: float | None) -> None:
+    """None means the first checkpoint's own `--tau` (0 unless its run set one)."""
+    if tau is not None and (tau < 0 or not math.isfinite(tau)):
+        raise UserError(f"--tau must be a finite number >= 0 (got {tau})")
+
+
 def evaluate_checkpoints(paths: Sequence[Path], data_dir: Path, *, split: str = "val", tta: str = "none",
-                         tau: float = 0.0, tune: bool = False, tau_grid: Sequence[float] = DEFAULT_TAU_GRID,
+                         tau: float | None = None, tune: bool = False, tau_grid: Sequence[float] = DEFAULT_TAU_GRID,
                          batch_size: int = 128, workers: int = 2, device: str = "auto",
                          amp: str = "auto") -> EvalReport:
-    if tau < 0 or not math.isfinite(tau):
-        raise UserError(f"--tau must be a finite number >= 0 (got {tau})")
+    _check_tau(tau)
     dev = resolve_device(device)
     loaded = load_checkpoints(paths, dev)
+    tau = loaded[0].tau if tau is None else tau
     preds = infer(loaded, data_dir, split, tta=tta, batch_size=batch_size, workers=workers, device=dev,
                   include_missing=False, amp=amp)
     log_p = np.log(np.clip(preds.probs, 1e-30, None))
@@ -473,16 +481,16 @@ class PredictReport:
 
 
 def predict_submission(paths: Sequence[Path], data_dir: Path, out: Path, *, split: str = "test",
-                       tta: str = "none", tau: float = 0.0, probs_out: Path | None = None,
+                       tta: str = "none", tau: float | None = None, probs_out: Path | None = None,
                        batch_size: int = 128, workers: int = 2, device: str = "auto",
                        amp: str = "auto", force: bool = False) -> PredictReport:
     """Write the competition file (and optionally the probabilities) for every row of `split`.
     Existing files are replaced only with `force`; inputs never (see `check_outputs`)."""
-    if tau < 0 or not math.isfinite(tau):
-        raise UserError(f"--tau must be a finite number >= 0 (got {tau})")
+    _check_tau(tau)
     check_outputs({"--out": out, "--probs": probs_out}, paths, data_dir, force)
     dev = resolve_device(device)
     loaded = load_checkpoints(paths, dev)
+    tau = loaded[0].tau if tau is None else tau
     preds = infer(loaded, data_dir, split, tta=tta, batch_size=batch_size, workers=workers, device=dev,
                   include_missing=True, amp=amp)
     all_ids = preds.ids  # include_missing: every row of the split, in shard order

@@ -137,3 +137,29 @@ def test_probs_parquet_round_trip(tmp_path):
     import pyarrow.parquet as pq
 
     assert pq.read_schema(tmp_path / "p.parquet").field("probs").type.list_size == 5
+
+
+def test_a_runs_tau_is_the_default_of_eval_and_predict(tmp_path):
+    """`imattrain run --tau T` is what eval/predict apply to its checkpoints unless --tau is given."""
+    import torch
+
+    from imattrain.checkpoint import load_checkpoint, save_checkpoint
+    from imattrain.models import build_model
+    from imattrain.predict import evaluate_checkpoints, predict_submission
+    from tricks_shards import write_dataset
+
+    data = write_dataset(tmp_path / "clean", [8, 4, 2], val_per_class=2, test_rows=4, test_missing=1, size=32)
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3)
+    state = {"model": model.state_dict(), "model_name": "resnet18", "num_classes": 3, "image_size": 32,
+             "class_counts": [8, 4, 2], "config": {"image_size": 32, "tau": 0.7}}
+    ckpt = save_checkpoint(state, tmp_path / "c.pt")
+    assert load_checkpoint(ckpt)["config"]["tau"] == 0.7
+    kw = dict(workers=0, device="cpu", batch_size=8)
+    assert evaluate_checkpoints([ckpt], data, **kw).tau == 0.7
+    assert evaluate_checkpoints([ckpt], data, tau=0.0, **kw).tau == 0.0
+    # The default and an explicit --tau equal to it write the same submission.
+    predict_submission([ckpt], data, tmp_path / "a.csv", **kw)
+    predict_submission([ckpt], data, tmp_path / "b.csv", tau=0.7, **kw)
+    predict_submission([ckpt], data, tmp_path / "c.csv", tau=0.0, **kw)
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
