@@ -51,7 +51,7 @@ from imatdata import images as imagework
 from imatdata.download import INVALID_URL, MIN_MEMORY, ByteBudget, Download, Fetcher, NetConfig
 from imatdata.imagepool import ImagePool, safe_path_children
 from imatdata.errors import UserError
-from imatdata.manifest import (RAW_SCHEMA, SHARD_PATTERN, STATUSES, ShardWriter, fsync_dir, list_shards,
+from imatdata.manifest import (RAW_SCHEMA, SHARD_PATTERN, STATUSES, RunLock, ShardWriter, fsync_dir, list_shards,
                                remove_stale_temps, resolve_root, shard_name, split_dir, write_bytes_atomic,
                                write_table_atomic)
 from imatdata.sources import (Record, ScanResult, Source, invalid_key, read_records, record_key,
@@ -520,36 +520,6 @@ class Progress:
 # --- the run ------------------------------------------------------------------------------------
 
 
-class _RunLock:
-    """One fetch per root at a time; the OS drops the lock when the process dies (kill -9 too)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fh: Any = None
-
-    def __enter__(self) -> _RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+b")
-        try:
-            if sys.platform == "win32":
-                import msvcrt
-
-                self._fh.seek(0)
-                msvcrt.locking(self._fh.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._fh.close()
-            raise UserError(f"another imatdata fetch is writing {self.path.parent}; wait for it or stop it") from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing releases flock/msvcrt locks
-
-
 def run_fetch(opts: FetchOptions) -> FetchSummary:
     """Validate, fetch what is missing, settle raw/ shards, write summary and stats."""
     root = resolve_root(opts.root)
@@ -557,7 +527,8 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
     # Validation comes first and writes nothing: a bad list leaves the disk as it was.
     sources = resolve_sources(opts.sources, opts.split)
     scan = scan_sources(sources, limit=opts.limit, skip_invalid=opts.skip_invalid)
-    with _RunLock(root / "raw" / LOCK_NAME):
+    with RunLock(root / "raw" / LOCK_NAME,
+                 f"another imatdata fetch is writing {root / 'raw'}; wait for it or stop it"):
         indexes = {split: index_store(root, split) for split in scan.split_keys}
         if not opts.prune:
             refuse_pruning(indexes, scan.split_keys)  # before anything is fetched or written

@@ -145,8 +145,8 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        if sys.platform == "win32":  # no flock; Windows runs are not locked
-            return self
+        if sys.platform == "win32":
+            return self._enter_windows()
         import fcntl
 
         if self.path.is_dir():
@@ -166,9 +166,25 @@ class RunLock:
         self._fd = fd
         return self
 
+    def _enter_windows(self) -> RunLock:
+        """msvcrt locks a byte of a file; a folder cannot be locked there, so it runs unlocked."""
+        if self.path.is_dir():
+            return self
+        import msvcrt
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        except OSError:
+            os.close(fd)
+            raise UserError(self.busy) from None
+        self._fd = fd
+        return self
+
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
+            os.close(self._fd)  # closing releases the flock / msvcrt lock
             self._fd = None
 
 
