@@ -112,8 +112,8 @@ class Sampler(threading.Thread):
 
 
 async def through_pool(bodies: list[bytes], workers: int) -> list:
-    from imatdata.images import DEFAULT_MAX_PIXELS
-    from imatdata.imagepool import ImagePool
+    from imatdata.fetch.images import DEFAULT_MAX_PIXELS
+    from imatdata.fetch.imagepool import ImagePool
 
     pool = ImagePool(workers, 512, DEFAULT_MAX_PIXELS)
     await pool.start()
@@ -131,7 +131,7 @@ def speed(repeat: int) -> None:
     """ms per image in this process for the photos fetch mostly sees."""
     from PIL import Image
 
-    from imatdata.images import process_image
+    from imatdata.fetch.images import process_image
 
     def jpeg(size: tuple[int, int]) -> bytes:
         out = io.BytesIO()

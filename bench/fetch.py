@@ -46,7 +46,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from imatdata.images import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS, process_image
+from imatdata.fetch.images import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS, process_image
 from imatsample import Catalogue, TinyRange, big_catalogue, photo_corpus, write_lists
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from imatdata import storage
 from imatdata.errors import UserError
+# Re-exported while callers move to importing them from storage.
+from imatdata.storage import (RunLock, fsync_dir, remove_stale_temps,  # noqa: F401
+                              temp_path_for, write_bytes_atomic)
 
 # --- schema -------------------------------------------------------------------------------
 
@@ -100,92 +103,11 @@ def resolve_root(root: str | os.PathLike[str] | None = None, *, writable: bool =
     there: fetch, clean, stats) cannot be written, is a UserError. A root that does not
     exist yet is fine when the folder it would be made in can be written."""
     if root is not None and str(root) != "":
-        path = Path(root)
+        path = storage.location(root)
     else:
-        path = Path(os.environ.get("IMAT_ROOT") or DEFAULT_ROOT)
-    check_root(path, writable=writable)
+        path = storage.location(os.environ.get("IMAT_ROOT") or DEFAULT_ROOT, "IMAT_ROOT")
+    storage.check_root(path, writable=writable)
     return path
-
-
-def check_root(path: Path, *, writable: bool = True) -> None:
-    """The checks of `resolve_root` (see there)."""
-    existing = path
-    while not existing.exists():  # the nearest part of the path that exists
-        if existing.is_symlink():
-            raise UserError(f"root {path}: {existing} is a broken link; pass --root (or set IMAT_ROOT) "
-                            "to a folder")
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "is a file" if existing == path else f"lies under {existing}, which is a file"
-        raise UserError(f"root {path} {what}, not a folder; pass --root (or set IMAT_ROOT) to a folder")
-    if writable and not can_write(existing):
-        where = "" if existing == path else f" (it would be made in {existing})"
-        raise UserError(f"root {path}: cannot write there{where}: permission denied or a read-only file "
-                        "system; pass --root (or set IMAT_ROOT) to a folder you can write")
-
-
-def can_write(folder: Path) -> bool:
-    """Whether files can be made in `folder` (write and search permission, writable mount)."""
-    return os.access(folder, os.W_OK | os.X_OK)
-
-
-class RunLock:
-    """One run at a time on `path`, for as long as the `with` lasts.
-
-    `path` is a folder (locked in place: nothing is created) or a lock file (created if
-    needed). The lock is an flock, so the OS drops it when the process dies (kill -9 too) and
-    no stale lock is ever left behind. A second run gets a UserError saying `busy`.
-    """
-
-    def __init__(self, path: Path, busy: str) -> None:
-        self.path = Path(path)
-        self.busy = busy
-        self._fd: int | None = None
-
-    def __enter__(self) -> RunLock:
-        if sys.platform == "win32":
-            return self._enter_windows()
-        import fcntl
-
-        if self.path.is_dir():
-            fd = os.open(self.path, os.O_RDONLY)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(self.busy) from None
-        except OSError:
-            # A file system without flock (some network mounts): run unlocked rather than not at all.
-            os.close(fd)
-            return self
-        self._fd = fd
-        return self
-
-    def _enter_windows(self) -> RunLock:
-        """msvcrt locks a byte of a file; a folder cannot be locked there, so it runs unlocked."""
-        if self.path.is_dir():
-            return self
-        import msvcrt
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
-        except OSError:
-            os.close(fd)
-            raise UserError(self.busy) from None
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock / msvcrt lock
-            self._fd = None
 
 
 def split_dir(root: Path, stage: str, split: str) -> Path:
@@ -194,16 +116,12 @@ def split_dir(root: Path, stage: str, split: str) -> Path:
 
 def list_splits(stage_path: Path) -> list[str]:
     """Split names under a stage folder (those holding at least one finished shard)."""
-    if not stage_path.is_dir():
-        return []
-    return sorted(p.name for p in stage_path.iterdir() if p.is_dir() and list_shards(p))
+    return [p.name for p in storage.children(stage_path) if storage.is_dir(p) and list_shards(p)]
 
 
 def list_shards(split_path: Path) -> list[Path]:
     """Finished shards of one split, in order. Temporary files are never listed."""
-    if not split_path.is_dir():
-        return []
-    return sorted(p for p in split_path.iterdir() if SHARD_PATTERN.match(p.name))
+    return [p for p in storage.children(split_path) if SHARD_PATTERN.match(p.name)]
 
 
 def shard_name(index: int) -> str:
@@ -211,33 +129,6 @@ def shard_name(index: int) -> str:
 
 
 # --- atomic files ---------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    # Directory fsync makes the rename durable; not available on Windows, where the
-    # rename itself is what we can rely on.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def temp_path_for(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
-
-
-def commit_file(tmp: Path, final: Path) -> None:
-    """fsync `tmp` and rename it over `final`: readers see the old file or the new one, whole."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
 
 
 def parquet_options(schema: pa.Schema, compression: str = "zstd") -> dict[str, Any]:
@@ -253,33 +144,8 @@ def parquet_options(schema: pa.Schema, compression: str = "zstd") -> dict[str, A
 def write_table_atomic(table: pa.Table, final: Path, *, compression: str = "zstd",
                        row_group_rows: int | None = None) -> None:
     """Write one whole Parquet file under a temporary name and rename it when complete."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(final)
-    try:
-        pq.write_table(table, tmp, row_group_size=row_group_rows, **parquet_options(table.schema, compression))
-        commit_file(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_bytes_atomic(data: bytes, final: Path) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(final)
-    try:
-        tmp.write_bytes(data)
-        commit_file(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temps(folder: Path) -> None:
-    """Remove temporary files a crashed writer left behind (never a finished shard)."""
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
-                p.unlink(missing_ok=True)
+    with storage.AtomicFile(final) as f:
+        pq.write_table(table, f.target, row_group_size=row_group_rows, **parquet_options(table.schema, compression))
 
 
 # --- writer -----------------------------------------------------------------------------------
@@ -316,7 +182,7 @@ class ShardWriter:
         self._pending_rows = 0
         self._pending_bytes = 0
         self._writer: pq.ParquetWriter | None = None
-        self._tmp: Path | None = None
+        self._file: storage.AtomicFile | None = None
         self._shard_rows_written = 0
         self.rows_written = 0
 
@@ -359,9 +225,9 @@ class ShardWriter:
             except Exception:
                 pass
             self._writer = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -389,9 +255,8 @@ class ShardWriter:
             self._write_row_group(table.slice(half))
             return
         if self._writer is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._tmp = temp_path_for(self.folder / shard_name(self._index))
-            self._writer = pq.ParquetWriter(self._tmp, self.schema, **parquet_options(self.schema, self.compression))
+            self._file = storage.AtomicFile(self.folder / shard_name(self._index))
+            self._writer = pq.ParquetWriter(self._file.target, self.schema, **parquet_options(self.schema, self.compression))
         self._writer.write_table(table, row_group_size=table.num_rows)
         self._shard_rows_written += table.num_rows
         self.rows_written += table.num_rows
@@ -403,11 +268,9 @@ class ShardWriter:
             return
         self._writer.close()
         self._writer = None
-        final = self.folder / shard_name(self._index)
-        assert self._tmp is not None
-        commit_file(self._tmp, final)
-        self._tmp = None
-        self.written.append(final)
+        assert self._file is not None
+        self.written.append(self._file.commit())
+        self._file = None
         self._index += 1
         self._shard_rows_written = 0
 
@@ -434,13 +297,13 @@ def open_dataset(paths: Path | Sequence[Path]) -> ds.Dataset:
     if isinstance(paths, (str, os.PathLike)):
         paths = Path(paths)
         shards = list_shards(paths)
-        if not shards and paths.is_dir():
+        if not shards and storage.is_dir(paths):
             shards = [s for split in list_splits(paths) for s in list_shards(paths / split)]
         if not shards:
             raise UserError(f"no manifest shards under {paths}: run the stage that writes them first")
     else:
         shards = [Path(p) for p in paths]
-    return ds.dataset([str(s) for s in shards], format="parquet")
+    return storage.parquet_dataset(shards)
 
 
 def iter_batches(paths: Path | Sequence[Path], *, columns: Sequence[str] | None = None,
@@ -473,14 +336,15 @@ def row_groups(paths: Path | Sequence[Path]) -> list[RowGroupRef]:
         shards = [Path(p) for p in paths]
     refs = []
     for shard in shards:
-        meta = pq.ParquetFile(shard).metadata
+        with storage.parquet_file(shard) as f:
+            meta = f.metadata
         for i in range(meta.num_row_groups):
             refs.append(RowGroupRef(shard, i, meta.row_group(i).num_rows))
     return refs
 
 
 def read_row_group(ref: RowGroupRef, columns: Sequence[str] | None = None) -> pa.Table:
-    with pq.ParquetFile(ref.path) as f:
+    with storage.parquet_file(ref.path) as f:
         return f.read_row_group(ref.row_group, columns=list(columns) if columns else None)
 
 

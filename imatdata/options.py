@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -21,6 +22,15 @@ from typing import Any, Optional
 import typer
 
 from imatdata.errors import UserError
+
+def available_cpus() -> int:
+    """The cores this process may run on: CPU affinity where the OS has it (taskset and
+    container CPU sets limit it), else the machine's count. Every worker default uses this."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 

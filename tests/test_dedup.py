@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imatdata import dedup
+from imatdata.clean import dedup
 
 
 def flip_bits(h: np.int64, bits: np.ndarray) -> np.int64:

@@ -10,7 +10,7 @@ from email.utils import formatdate
 
 import pytest
 
-from imatdata.download import (AddressPolicy, ByteBudget, Fetcher, GuardedResolver, NetConfig, _rfc6052_ipv4,
+from imatdata.fetch.download import (AddressPolicy, ByteBudget, Fetcher, GuardedResolver, NetConfig, _rfc6052_ipv4,
                                backoff_delay, canonical_host, embedded_ipv4, literal_ip, parse_retry_after,
                                robots_opt_out)
 from imatdata.errors import UserError
@@ -339,7 +339,7 @@ class _FixedResolver:
 
 @pytest.mark.parametrize("address, private", EMBEDDED + [("fec0::1", True)])
 async def test_resolver_drops_embedded_private_addresses(address: str, private: bool) -> None:
-    from imatdata.download import BlockedAddress
+    from imatdata.fetch.download import BlockedAddress
 
     resolver = GuardedResolver(AddressPolicy(), _FixedResolver(address))
     if private:
@@ -353,7 +353,7 @@ async def test_resolver_drops_embedded_private_addresses(address: str, private: 
 
 
 async def test_embedded_private_addresses_blocked_before_any_request(faults: Catalogue, monkeypatch) -> None:
-    import imatdata.download as download
+    import imatdata.fetch.download as download
 
     private = [a for a, is_private in EMBEDDED if is_private] + ["fec0::1"]
     item = faults.one(kind="jpeg")

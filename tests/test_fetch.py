@@ -21,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from imatdata.cli import app
-from imatdata.download import NetConfig
+from imatdata.fetch.download import NetConfig
 from imatdata.errors import UserError
 from imatdata.fetch import JOURNAL_DIR, SUMMARY_NAME, FetchOptions, _preload, journal_dir, parse_size, run_fetch
 from imatdata.manifest import RAW_SCHEMA, list_shards, read_table
@@ -311,7 +311,7 @@ def spawn_fetch(src: Path, root: Path, **options: object) -> subprocess.Popen[by
     code = (
         "import sys\n"
         "from imatdata.fetch import FetchOptions, run_fetch\n"
-        "from imatdata.download import NetConfig\n"
+        "from imatdata.fetch.download import NetConfig\n"
         "from imatdata.errors import UserError\n"
         "if __name__ == '__main__':\n"
         "    try:\n"

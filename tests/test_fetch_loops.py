@@ -57,7 +57,7 @@ def test_caps_hold_for_the_run_as_a_whole(tmp_path: Path) -> None:
                      params={"interval": 0.05, "max_seconds": 5}))
     with serve_in_thread(cat) as srv:
         src = write_lists(cat, srv, tmp_path / "lists")["train"]
-        from imatdata.download import NetConfig
+        from imatdata.fetch.download import NetConfig
         from imatdata.fetch import FetchOptions, run_fetch
 
         net = NetConfig(per_host=3, concurrency=5, timeout=10, allow_nets=("127.0.0.0/8",))

@@ -15,7 +15,7 @@ from imatdata import fetch
 from imatdata.fetch import _write_journal_file, base_row, finalize_split, journal_dir, journal_files, seal_journal
 from imatdata.manifest import RAW_SCHEMA, ShardWriter, list_shards, read_table, split_dir
 from imatsample import big_catalogue, serve_in_thread, write_lists
-from imatdata.sources import Record, invalid_key, record_key
+from imatdata.fetch.sources import Record, invalid_key, record_key
 
 from test_fetch import fetch_lib, kill_fetch, spawn_fetch, wait_while_running
 

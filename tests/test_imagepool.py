@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imatdata.imagepool import ImagePool
-from imatdata.images import process_image
+from imatdata.fetch.imagepool import ImagePool
+from imatdata.fetch.images import process_image
 from imatsample import encode, render_product
 
 
@@ -171,7 +171,7 @@ def shadowing_cwd(tmp_path: Path) -> tuple[Path, Path]:
     cwd.mkdir()
     (cwd / "struct.py").write_text(SHADOW.format(marker=str(marker)))
     # The trap works: a Python started with -m from there imports it.
-    subprocess.run([sys.executable, "-m", "imatdata.imagepool"], cwd=cwd, capture_output=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "imatdata.fetch.imagepool"], cwd=cwd, capture_output=True, timeout=60)
     assert marker.exists()
     marker.unlink()
     return cwd, marker

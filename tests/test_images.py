@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imatdata.images import RESIZE_FILTERS, process_image, sniff, target_size, to_rgb
+from imatdata.fetch.images import RESIZE_FILTERS, process_image, sniff, target_size, to_rgb
 from imatsample import encode, jpeg_bomb, png_bomb, render_product
 
 
@@ -214,7 +214,7 @@ def png_header(width: int, height: int, bit_depth: int, colour_type: int) -> byt
     (png_header(6000, 6000, 8, 2), "6000x6000 RGB png needs 138 MiB"),
 ])
 def test_images_too_dear_to_decode_are_refused_from_the_header(body: bytes, needs: str) -> None:
-    from imatdata.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS
+    from imatdata.fetch.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS
 
     t = time.perf_counter()
     res = process_image(body)
@@ -287,7 +287,7 @@ def _strip_cases() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("max_side", [512, 200, 0])
 def test_conversion_in_strips_gives_the_same_picture(monkeypatch: pytest.MonkeyPatch, max_side: int) -> None:
-    from imatdata import images
+    from imatdata.fetch import images
 
     cases = _strip_cases()
     whole = {name: process_image(body, max_side=max_side) for name, body in cases.items()}
@@ -316,7 +316,7 @@ def test_a_large_image_is_converted_near_its_decoded_size(tmp_path: Path) -> Non
     Image.merge("RGBA", (gradient, gradient.transpose(Image.Transpose.ROTATE_90), gradient, gradient)).save(path)
     code = textwrap.dedent(f"""
         import resource
-        from imatdata.images import process_image
+        from imatdata.fetch.images import process_image
         body = open({str(path)!r}, "rb").read()
         process_image(b"\\x89PNG")  # every import done before measuring
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

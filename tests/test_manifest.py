@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from imatsample.shards import manifest_row
 
 from imatdata import manifest as m
 
@@ -42,25 +43,9 @@ SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
 
 
 def _row(i: int, split: str = "train", image: bytes | None = b"\xff\xd8jpeg") -> dict:
-    return {
-        "id": f"{i:032x}.jpg",
-        "split": split,
-        "label": i % 7,
-        "url": f"http://127.0.0.1/{i}.jpg?w=750",
-        "status": "ok" if image else "http_error",
-        "error": None if image else "HTTP 404",
-        "http_status": 200 if image else 404,
-        "attempts": 1,
-        "image": image,
-        "image_format": "jpeg" if image else None,
-        "width": 10,
-        "height": 12,
-        "orig_width": 20,
-        "orig_height": 24,
-        "orig_bytes": 1234,
-        "sha256": "ab" * 32,
-        "fetched_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
-    }
+    return manifest_row(f"{i:032x}.jpg", split, i % 7, image, url=f"http://127.0.0.1/{i}.jpg?w=750",
+                        size=(10, 12), orig=(20, 24), orig_bytes=1234, sha256=True,
+                        fetched_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
 
 
 def test_raw_schema_matches_spec_column_for_column() -> None:
@@ -220,7 +205,7 @@ def test_resolve_root_refuses_files_and_unwritable_folders(tmp_path: Path, monke
         m.resolve_root(None)
     assert m.resolve_root(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"  # made later
     assert not (tmp_path / "new").exists()
-    monkeypatch.setattr(m, "can_write", lambda folder: False)
+    monkeypatch.setattr("imatdata.storage.can_write", lambda folder: False)
     with pytest.raises(m.UserError, match=r"cannot write there \(it would be made in .*\)"):
         m.resolve_root(tmp_path / "new")
     assert m.resolve_root(tmp_path, writable=False) == tmp_path  # readers only need it to exist

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imatdata.errors import UserError
-from imatdata.sources import (check_url, invalid_key, read_records, record_key, resolve_sources,
+from imatdata.fetch.sources import (check_url, invalid_key, read_records, record_key, resolve_sources,
                               scan_sources)
 
 
@@ -260,7 +260,7 @@ def test_records_nested_within_the_cap_still_read_like_ijson(tmp_path: Path) -> 
         {"id": "a", "url": "http://example.com/a.jpg", "extra": [1, [2, {"q": 3}]], "class": 1},
         5, [1, 2], {"id": {"x": [1]}, "url": "http://example.com/b.jpg"}, {}]}
     path = write_json(tmp_path / "train.json", doc)
-    from imatdata.sources import _imat_objects
+    from imatdata.fetch.sources import _imat_objects
 
     with open(path, "rb") as fh:
         assert list(_imat_objects(path)) == list(ijson.items(fh, "images.item"))
@@ -325,7 +325,7 @@ def test_lone_surrogates_are_invalid_and_pairs_are_fine(tmp_path: Path) -> None:
 
 
 def test_unreadable_sources_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from imatdata import sources
+    from imatdata.fetch import sources
 
     folder = tmp_path / "lists.json"
     folder.mkdir()

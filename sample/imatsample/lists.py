@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
-
-from imatdata.manifest import commit_file, temp_path_for
+from imatdata.storage import AtomicFile
 from imatsample.catalogue import Catalogue
+
 # --------------------------------------------------------------------------------------------
 # URL lists
 
@@ -38,24 +39,18 @@ def write_lists(catalogue: Catalogue, srv: _HasUrl, out_dir: Path | str, fmt: st
     written: dict[str, Path] = {}
     for split in splits or catalogue.splits:
         final = out / f"{split}.{fmt}"
-        tmp = temp_path_for(final)
-        try:
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                if fmt == "json":
-                    f.write('{"images": [\n')
-                    f.writelines(_joined(catalogue.iter_json(split, srv.url), ",\n"))
-                    f.write("\n]}\n")
-                elif fmt == "jsonl":
-                    f.writelines(_joined(catalogue.iter_json(split, srv.url), "\n"))
-                    f.write("\n")
-                else:
-                    w = csv.writer(f)
-                    w.writerow(["id", "url"] + ([] if split == "test" else ["class"]))
-                    for rec in catalogue.iter_records(split, srv.url):
-                        w.writerow([rec["id"], rec["url"]] + ([rec["class"]] if "class" in rec else []))
-            commit_file(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with AtomicFile(final) as a, io.TextIOWrapper(a.open(), encoding="utf-8", newline="") as f:
+            if fmt == "json":
+                f.write('{"images": [\n')
+                f.writelines(_joined(catalogue.iter_json(split, srv.url), ",\n"))
+                f.write("\n]}\n")
+            elif fmt == "jsonl":
+                f.writelines(_joined(catalogue.iter_json(split, srv.url), "\n"))
+                f.write("\n")
+            else:
+                w = csv.writer(f)
+                w.writerow(["id", "url"] + ([] if split == "test" else ["class"]))
+                for rec in catalogue.iter_records(split, srv.url):
+                    w.writerow([rec["id"], rec["url"]] + ([rec["class"]] if "class" in rec else []))
         written[split] = final
     return written

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from PIL import Image
 from imatdata.manifest import CLEAN_SCHEMA, ShardWriter
 
 FETCHED_AT = datetime(2026, 1, 1, tzinfo=timezone.utc)
+CHUNK_ROWS = 10_000
 
 
 def jpeg(img: Image.Image, quality: int = 90) -> bytes:
@@ -33,31 +35,39 @@ def jpeg(img: Image.Image, quality: int = 90) -> bytes:
 
 def manifest_row(row_id: str, split: str, label: int | None, image: bytes | None = None, *,
                  status: str | None = None, size: tuple[int, int] | None = None,
-                 orig: tuple[int, int] | None = None, url: str | None = None,
-                 error: str | None = None, http_status: int | None = None, attempts: int = 1,
-                 sha256: bool = False, phash: int | None = None,
+                 orig: tuple[int, int] | None = None, orig_bytes: int | None = None,
+                 url: str | None = None, error: str | None = None, http_status: int | None = None,
+                 attempts: int = 1, sha256: bool = False, phash: int | None = None,
                  fetched_at: datetime = FETCHED_AT) -> dict[str, Any]:
-    """One row. `status` defaults to ok with an image and http_error without; an ok row's
-    size is read from the image header unless given, its original size defaults to that."""
+    """One row. `status` defaults to ok with an image and http_error without.
+
+    Only an ok row has an image and sizes: its size is read from the image header unless
+    given, its original size and byte count default to the stored ones (an ok row without an
+    image is metadata only). A failed row's error and HTTP status default to a 404 for
+    http_error and to none for any other status. `sha256=True` fills in the image's digest."""
     status = status or ("ok" if image is not None else "http_error")
     ok = status == "ok"
+    image = image if ok else None
     if ok and size is None and image is not None:
         try:
             size = Image.open(io.BytesIO(image)).size
         except OSError:
             size = None
     width, height = size if ok and size else (None, None)
-    orig_width, orig_height = orig if orig else (width, height)
+    orig_width, orig_height = orig if ok and orig else (width, height)
+    if ok and orig_bytes is None and image is not None:
+        orig_bytes = len(image)
+    not_found = status == "http_error"
     row = {
         "id": row_id, "split": split, "label": label,
         "url": url or f"http://127.0.0.1/{split}/{row_id}",
-        "status": status, "error": error if error is not None or ok else "HTTP 404",
-        "http_status": http_status if http_status is not None else (200 if ok else 404),
-        "attempts": attempts, "image": image if ok else None,
-        "image_format": "jpeg" if ok and image is not None else None,
+        "status": status, "error": error if error is not None or not not_found else "HTTP 404",
+        "http_status": http_status if http_status is not None else (200 if ok else 404 if not_found else None),
+        "attempts": attempts, "image": image,
+        "image_format": "jpeg" if image is not None else None,
         "width": width, "height": height, "orig_width": orig_width, "orig_height": orig_height,
-        "orig_bytes": len(image) if ok and image is not None else None,
-        "sha256": hashlib.sha256(image).hexdigest() if sha256 and ok and image else None,
+        "orig_bytes": orig_bytes if ok else None,
+        "sha256": hashlib.sha256(image).hexdigest() if sha256 and image else None,
         "fetched_at": fetched_at,
     }
     if phash is not None:
@@ -65,15 +75,20 @@ def manifest_row(row_id: str, split: str, label: int | None, image: bytes | None
     return row
 
 
-def write_shards(folder: Path, rows: Sequence[dict[str, Any]], *,
+def write_shards(folder: Path, rows: Iterable[Mapping[str, Any]], *,
                  schema: pa.Schema = CLEAN_SCHEMA, shard_rows: int | None = None,
                  row_group_rows: int | None = None) -> Path:
-    """`rows` as `folder/part-*.parquet` (the clean schema unless told); returns `folder`."""
+    """`rows` as `folder/part-*.parquet` (the clean schema unless told); returns `folder`.
+
+    `rows` may be any iterable, a generator of a million rows included: it is written
+    `CHUNK_ROWS` rows at a time."""
     sizes: dict[str, int] = {}
     if shard_rows is not None:
         sizes["shard_rows"] = shard_rows
     if row_group_rows is not None:
         sizes["row_group_rows"] = row_group_rows
+    it = iter(rows)
     with ShardWriter(Path(folder), schema=schema, **sizes) as writer:
-        writer.write_rows(rows)
+        while chunk := list(islice(it, CHUNK_ROWS)):
+            writer.write_rows(chunk)
     return Path(folder)

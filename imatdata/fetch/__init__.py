@@ -47,14 +47,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imatdata import images as imagework
-from imatdata.download import INVALID_URL, MIN_MEMORY, ByteBudget, Download, Fetcher, NetConfig
-from imatdata.imagepool import ImagePool, safe_path_children
+from imatdata.fetch import images as imagework
+from imatdata.fetch.download import INVALID_URL, MIN_MEMORY, ByteBudget, Download, Fetcher, NetConfig
+from imatdata.fetch.imagepool import ImagePool, safe_path_children
 from imatdata.errors import UserError
 from imatdata.manifest import (RAW_SCHEMA, SHARD_PATTERN, STATUSES, RunLock, ShardWriter, fsync_dir, list_shards,
                                remove_stale_temps, resolve_root, shard_name, split_dir, write_bytes_atomic,
                                write_table_atomic)
-from imatdata.sources import (Record, ScanResult, Source, invalid_key, read_records, record_key,
+from imatdata.fetch.sources import (Record, ScanResult, Source, invalid_key, read_records, record_key,
                               resolve_sources, scan_sources)
 
 JOURNAL_DIR = ".journal"

@@ -81,9 +81,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from imatdata import dedup
+from imatdata.clean import dedup
 from imatdata.errors import UserError
-from imatdata.imagepool import safe_path_children
+from imatdata.fetch.imagepool import safe_path_children
 from imatdata.manifest import (
     CLEAN_SCHEMA,
     DROP_REASONS,

@@ -1,6 +1,6 @@
 """The image workers of `imatdata fetch`: child processes fed straight from the event loop.
 
-Each worker is a child process (`python -m imatdata.imagepool`) joined to the parent by a
+Each worker is a child process (`python -m imatdata.fetch.imagepool`) joined to the parent by a
 Unix socket pair. The loop writes a batch of bodies as raw bytes in one framed message and
 reads the results back, pickled, on the same socket. There is nothing in between: no feeder
 or result threads fighting the loop for the GIL and no pickling of the bodies (driving
@@ -50,9 +50,9 @@ from typing import IO, Any
 
 from PIL import ImageFile
 
-from imatdata import images as imagework
+from imatdata.fetch import images as imagework
 from imatdata.errors import UserError
-from imatdata.images import ImageResult
+from imatdata.fetch.images import ImageResult
 
 _COUNT = struct.Struct("<I")
 _RESULT = struct.Struct("<Q")
@@ -213,7 +213,7 @@ class ImagePool:
 # from a checkout that is not installed, and shadows nothing.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 _BOOT = ("import sys; p = sys.argv.pop(1); p in sys.path or sys.path.append(p); "
-         "from imatdata.imagepool import main; main()")
+         "from imatdata.fetch.imagepool import main; main()")
 
 
 def worker_command(*args: str) -> list[str]:
