@@ -110,6 +110,15 @@ def resolve_root(root: str | os.PathLike[str] | None = None, *, writable: bool =
     return path
 
 
+SPLIT_ORDER = ("train", "val", "validation", "test")
+
+
+def order_splits(splits: Sequence[str]) -> list[str]:
+    """train, val, test first (the order people read them in), then the rest alphabetically."""
+    rank = {name: i for i, name in enumerate(SPLIT_ORDER)}
+    return sorted(splits, key=lambda s: (rank.get(s, len(rank)), s))
+
+
 def split_dir(root: Path, stage: str, split: str) -> Path:
     return root / stage / split
 

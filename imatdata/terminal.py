@@ -71,17 +71,22 @@ class Bars:
         self._progress.update(self._tasks[name], completed=completed, total=total, advance=advance, **fields)
 
 
-def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], *,
-          left: int = 1) -> Any:
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any] | None], *,
+          left: int = 1, caption: str | None = None) -> Any:
     """A rich table: the first `left` columns flush left (names), the rest right (figures).
-    Cells are printed with str(); format numbers before passing them. Titles are literal
-    text (square brackets in a path or class name are not markup)."""
+    Cells are printed with str(); format numbers before passing them. A row of None ends a
+    section (a rule under it). Text is literal: square brackets in a path or a class name
+    are not markup."""
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=escape(title), title_justify="left")
+    t = Table(title=escape(title), title_justify="left",
+              caption=None if caption is None else escape(caption), caption_justify="left")
     for i, name in enumerate(columns):
         t.add_column(name, justify="left" if i < left else "right")
     for row in rows:
-        t.add_row(*(escape(str(c)) for c in row))
+        if row is None:
+            t.add_section()
+        else:
+            t.add_row(*(escape(str(c)) for c in row))
     return t

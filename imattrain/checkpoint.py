@@ -15,7 +15,6 @@ included); a file that needs more is refused with one line, never opened.
 
 from __future__ import annotations
 
-import io
 import pickle
 import random
 import re
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from imatdata.errors import UserError
-from imatdata.manifest import write_bytes_atomic
+from imatdata import storage
 
 FORMAT_VERSION = 1
 
@@ -102,7 +101,8 @@ def safe_load(path: Path, what: str, hint: str, map_location: str | torch.device
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(_LEGACY_NUMPY):
             warnings.simplefilter("ignore")  # torch warns about odd pickle protocols: not ours to show
-            return torch.load(path, map_location=map_location, weights_only=True)
+            with storage.open_read(path) as fh:
+                return torch.load(fh, map_location=map_location, weights_only=True)
     except Exception as exc:
         # The restricted unpickler names the global (class or function) it refused; other
         # errors mean a file that is not a torch file at all, or a cut-short one.
@@ -122,16 +122,15 @@ def _shown(value: Any) -> str:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
-    """Serialise in memory, then write under a temporary name and rename over `path`."""
-    buffer = io.BytesIO()
-    torch.save(_plain({"format_version": FORMAT_VERSION, **state}), buffer)
-    write_bytes_atomic(buffer.getvalue(), Path(path))
+    """Write under a temporary name and rename over `path`: a crash keeps the old file."""
+    with storage.AtomicFile(Path(path)) as f, f.open() as fh:
+        torch.save(_plain({"format_version": FORMAT_VERSION, **state}), fh)
     return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not storage.is_file(path):
         raise UserError(f"checkpoint {path} does not exist")
     ckpt = safe_load(path, "checkpoint", "use a checkpoint written by imattrain from a source "
                      "you trust", map_location)

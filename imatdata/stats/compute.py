@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from imatdata import storage
 from imatdata.errors import UserError
 from imatdata.manifest import (
     DROP_REASONS,
@@ -24,9 +24,10 @@ from imatdata.manifest import (
     STATUSES,
     list_shards,
     list_splits,
+    order_splits,
     read_table,
-    write_bytes_atomic,
 )
+from imatdata.storage import write_bytes_atomic
 from imatdata.tree import ProductTree
 
 STAGES = ("raw", "clean")
@@ -37,7 +38,6 @@ DEFAULT_TOP_HOSTS = 20
 DEFAULT_HOST_MIN_RECORDS = 1
 PERCENTILES = (("min", 0), ("p5", 5), ("p25", 25), ("p50", 50), ("p75", 75), ("p95", 95), ("max", 100))
 SIZE_COLUMNS = ("width", "height", "orig_width", "orig_height", "orig_bytes")
-SPLIT_ORDER = ("train", "val", "validation", "test")
 FETCH_FAILED = "fetch_failed"
 # The authority (userinfo@host:port) of an absolute URL. Kept this simple because RE2 runs a
 # plain pattern like this several times faster than one that also splits the authority.
@@ -209,7 +209,7 @@ def write_outputs(result: StatsResult, root: Path) -> list[Path]:
     from imatdata.stats import plots
 
     out = Path(root) / STATS_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(out)
     data = result.data
     stage = data["stage"]
     paths = [
@@ -263,12 +263,6 @@ def resolve_stage(root: Path, stage: str | None) -> str:
     return stage
 
 
-def order_splits(splits: Sequence[str]) -> list[str]:
-    """train, val, test first (the order people read them in), then the rest alphabetically."""
-    rank = {name: i for i, name in enumerate(SPLIT_ORDER)}
-    return sorted(splits, key=lambda s: (rank.get(s, len(rank)), s))
-
-
 # --- reading ------------------------------------------------------------------------------------
 
 
@@ -282,11 +276,12 @@ def _read(path: Path, columns: list[str]) -> pa.Table:
 def _read_dropped(root: Path) -> pa.Table:
     path = root / "clean" / "dropped.parquet"
     columns = ["split", "label", "url", "reason"]
-    if not path.is_file():
+    if not storage.is_file(path):
         # Clean always writes it; a root without it simply has nothing dropped.
         return DROPPED_SCHEMA.empty_table().select(columns)
     try:
-        return pq.read_table(path, columns=columns)
+        with storage.parquet_file(path) as f:
+            return f.read(columns=columns)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise UserError(f"cannot read {path}: {exc}".splitlines()[0]) from None
 
@@ -303,7 +298,8 @@ def _image_column_bytes(shards: Sequence[Path]) -> int:
     """Bytes of the image column as stored, from the Parquet footers (no image is read)."""
     total = 0
     for shard in shards:
-        meta = pq.ParquetFile(shard).metadata
+        with storage.parquet_file(shard) as f:
+            meta = f.metadata
         names = [meta.schema.column(i).name for i in range(meta.num_columns)]
         if "image" not in names:
             continue

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from imatdata.manifest import write_bytes_atomic
+from imatdata.storage import write_bytes_atomic
 
 DPI = 100
 FIGURE_PX = (1200, 600)  # width, height of every PNG written here
