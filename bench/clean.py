@@ -23,33 +23,20 @@ import os
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from imatsample import photo_corpus
+from imatsample.shards import manifest_row, write_shards
 from PIL import Image
 
 from imatdata import clean as clean_mod
-from imatdata import dedup
-from imatdata.manifest import RAW_SCHEMA, ShardWriter
+from imatdata.clean import dedup
+from imatdata.manifest import RAW_SCHEMA
 
 
 def photos(n: int, seed: int) -> list[bytes]:
-    try:
-        from imatsample import photo_corpus
-    except ImportError:  # the sample module is optional for this script
-        photo_corpus = None
-    if photo_corpus is not None:
-        return list(photo_corpus(n, seed=seed, min_side=400, max_side=512, pool=64))
-    g = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        cells = (g.random((16, 16, 3)) * 255).astype(np.uint8)
-        img = Image.fromarray(cells, "RGB").resize((512, 448), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=88)
-        out.append(buf.getvalue())
-    return out
+    return list(photo_corpus(n, seed=seed, min_side=400, max_side=512, pool=64))
 
 
 def timed(fn, *args, **kwargs) -> tuple[object, float, float]:
@@ -86,20 +73,9 @@ def bench_hashing(n_images: int, workers: int) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="imat-bench-clean-"))
     try:
-        now = datetime.now(timezone.utc)
-        with ShardWriter(tmp / "raw" / "train", schema=RAW_SCHEMA) as w:
-            batch = []
-            for k, b in enumerate(bodies):
-                width, height = Image.open(io.BytesIO(b)).size
-                batch.append({"id": f"{k:08x}.jpg", "split": "train", "label": k % 50,
-                              "url": f"http://127.0.0.1/{k}.jpg", "status": "ok", "attempts": 1,
-                              "image": b, "image_format": "jpeg", "width": width, "height": height,
-                              "orig_width": width, "orig_height": height, "orig_bytes": len(b),
-                              "sha256": None, "fetched_at": now})
-                if len(batch) == 500:
-                    w.write_rows(batch)
-                    batch = []
-            w.write_rows(batch)
+        write_shards(tmp / "raw" / "train", (manifest_row(f"{k:08x}.jpg", "train", k % 50, b,
+                                                          url=f"http://127.0.0.1/{k}.jpg")
+                                             for k, b in enumerate(bodies)), schema=RAW_SCHEMA)
         for n_workers in sorted({1, workers}):
             cfg = clean_mod.CleanConfig(workers=n_workers, start_method="spawn")
             t0 = os.times()

@@ -53,23 +53,14 @@ def train_counts(n: int = N_CLASSES, top: int = 60, bottom: int = 9) -> list[int
 
 def write_data(folder: Path, seed: int = 0, val_per_class: int = VAL_PER_CLASS) -> Path:
     """clean/{train,val} shards of rendered JPEGs (the clean schema, as imatdata writes it)."""
-    import io
-    from datetime import datetime, timezone
-
-    from imatdata.manifest import CLEAN_SCHEMA, ShardWriter
     from imatsample import render_product
+    from imatsample.shards import jpeg, manifest_row, write_shards
 
     rng = random.Random(seed)
-    stamp = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
     def row(split: str, row_id: str, label: int) -> dict[str, Any]:
-        buf = io.BytesIO()
-        render_product(label, rng, SIZE).save(buf, format="JPEG", quality=90)
-        data = buf.getvalue()
-        return {"id": row_id, "split": split, "label": label, "url": f"http://127.0.0.1/{row_id}",
-                "status": "ok", "attempts": 1, "http_status": 200, "image": data, "image_format": "jpeg",
-                "width": SIZE, "height": SIZE, "orig_width": SIZE, "orig_height": SIZE,
-                "orig_bytes": len(data), "fetched_at": stamp, "phash": 0}
+        image = jpeg(render_product(label, rng, SIZE))
+        return manifest_row(row_id, split, label, image, size=(SIZE, SIZE), phash=0)
 
     counts = train_counts()
     splits = {
@@ -78,8 +69,7 @@ def write_data(folder: Path, seed: int = 0, val_per_class: int = VAL_PER_CLASS) 
     }
     rng.shuffle(splits["train"])
     for split, rows in splits.items():
-        with ShardWriter(folder / split, schema=CLEAN_SCHEMA, row_group_rows=128) as w:
-            w.write_rows(rows)
+        write_shards(folder / split, rows, row_group_rows=128)
     return folder
 
 

@@ -1,9 +1,10 @@
 """Benchmark `imatdata stats` on a generated million-row manifest root.
 
-Generates (vectorised, in seconds) a raw stage of N rows shaped like iMaterialist 2019 —
-2,019 classes with 157 to 1,045 train images each, a small val and test split, a few hundred
-hosts with their own failure rates, image column null (metadata only) — plus a clean stage
-and clean/dropped.parquet derived from it. Then times, in one run:
+Generates (in seconds: columns drawn vectorised, rows made by imatsample.shards.manifest_row)
+a raw stage of N rows shaped like iMaterialist 2019 — 2,019 classes with 157 to 1,045 train
+images each, a small val and test split, a few hundred hosts with their own failure rates,
+image column null (metadata only) — plus a clean stage and clean/dropped.parquet derived
+from it. Then times, in one run:
 
   * `stats.compute` on the clean stage and on the raw stage (the figures only),
   * `stats.write_stats` (figures + stats.json + csv + three PNGs),
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+from imatsample.shards import manifest_row, write_shards
 
 from imatdata import stats
 from imatdata.manifest import (
@@ -62,30 +63,20 @@ def generate(root: Path, rows: int, seed: int = 0) -> dict[str, int]:
         status = np.where(failed, fail_status[rng.integers(0, len(fail_status), n)], "ok")
         ow = rng.integers(80, 3000, n).astype(np.int32)
         oh = (ow * rng.uniform(0.6, 1.6, n)).astype(np.int32)
+        served = rng.lognormal(11.5, 0.8, n).astype(np.int64)
         scale = np.minimum(1.0, 512 / np.maximum(ow, oh))
-        ids = pc.binary_join_element_wise(pa.array(np.full(n, split + "-")),
-                                          pc.cast(pa.array(np.arange(n)), pa.string()), "")
-        urls = pc.binary_join_element_wise(pa.array(np.full(n, "http://")), pa.array(host_names[host_idx]),
-                                           pa.array(np.full(n, "/p/")), ids, pa.array(np.full(n, ".jpg?w=750")), "")
+        width, height = (ow * scale).astype(np.int32), (oh * scale).astype(np.int32)
         ok = ~failed
-        table = pa.table({
-            "id": ids,
-            "split": pa.array(np.full(n, split)),
-            "label": pa.array(labels, pa.int32()) if labels is not None else pa.nulls(n, pa.int32()),
-            "url": urls,
-            "status": pa.array(status.astype(str)),
-            "attempts": pa.array(np.ones(n, np.int8)),
-            "image_format": pa.array(np.full(n, "jpeg"), mask=failed),
-            "width": pa.array((ow * scale).astype(np.int32), mask=failed),
-            "height": pa.array((oh * scale).astype(np.int32), mask=failed),
-            "orig_width": pa.array(ow, mask=failed),
-            "orig_height": pa.array(oh, mask=failed),
-            "orig_bytes": pa.array(rng.lognormal(11.5, 0.8, n).astype(np.int64), mask=failed),
-            "fetched_at": pa.array(np.full(n, np.datetime64("2026-01-01T00:00:00", "ms")),
-                                   pa.timestamp("ms", tz="UTC")),
-        })
-        with ShardWriter(root / "raw" / split, schema=RAW_SCHEMA) as w:
-            w.write_batch(table)
+        columns = zip([None] * n if labels is None else labels.tolist(), status.tolist(),
+                      host_names[host_idx].tolist(), width.tolist(), height.tolist(),
+                      ow.tolist(), oh.tolist(), served.tolist())
+        # Metadata only: ok rows have sizes and a served byte count but no image.
+        raw_rows = (manifest_row(f"{split}-{k}", split, label, status=state,
+                                 url=f"http://{host}/p/{split}-{k}.jpg?w=750",
+                                 size=(w, h), orig=(o_w, o_h), orig_bytes=nbytes)
+                    for k, (label, state, host, w, h, o_w, o_h, nbytes) in enumerate(columns))
+        write_shards(root / "raw" / split, raw_rows, schema=RAW_SCHEMA)
+        table = read_table(root / "raw" / split)
 
         # clean: test keeps everything; elsewhere failures and ~4 % of the rest are dropped.
         drop_other = ok & (rng.random(n) < 0.04) if split != "test" else np.zeros(n, bool)

@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from imatsample.shards import jpeg, manifest_row, write_shards
 from PIL import Image
 from typer.testing import CliRunner
 
 from imatdata import clean as clean_mod
 from imatdata.cli import app
-from imatdata.dedup import hamming
+from imatdata.clean.dedup import hamming
 from imatdata.errors import UserError
-from imatdata.manifest import RAW_SCHEMA, ShardWriter, list_shards, read_table
-
-NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+from imatdata.manifest import RAW_SCHEMA, list_shards, read_table
 
 
 # --- generated images and raw shards -------------------------------------------------------
@@ -38,40 +35,10 @@ def picture(seed: int, size: tuple[int, int] = (320, 320)) -> Image.Image:
     return Image.fromarray(cells, "RGB").resize(size, Image.Resampling.BICUBIC)
 
 
-def jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def row(id_: str, split: str, label: int | None, body: bytes | None = None, *, status: str = "ok",
-        error: str | None = None, orig: tuple[int, int] | None = None, sha: bool = True,
-        size: tuple[int, int] | None = None) -> dict:
-    """A raw manifest row; sizes default to the decoded size of `body`."""
-    if body is not None and size is None:
-        try:
-            size = Image.open(io.BytesIO(body)).size
-        except OSError:
-            size = (320, 320)
-    ok = status == "ok"
-    w, h = size if (ok and size) else (None, None)
-    ow, oh = orig if orig else (w, h)
-    return {
-        "id": id_, "split": split, "label": label, "url": f"http://127.0.0.1:9/{split}/{id_}.jpg",
-        "status": status, "error": error, "http_status": 200 if ok else None, "attempts": 1,
-        "image": body if ok else None, "image_format": "jpeg" if ok else None,
-        "width": w, "height": h, "orig_width": ow, "orig_height": oh,
-        "orig_bytes": len(body) if ok and body else None,
-        "sha256": hashlib.sha256(body).hexdigest() if ok and body and sha else None,
-        "fetched_at": NOW,
-    }
-
-
 def write_raw(root: Path, rows: list[dict], shard_rows: int = 50_000) -> None:
     for split in sorted({r["split"] for r in rows}):
-        with ShardWriter(root / "raw" / split, schema=RAW_SCHEMA, shard_rows=shard_rows,
-                         row_group_rows=7) as w:
-            w.write_rows([r for r in rows if r["split"] == split])
+        write_shards(root / "raw" / split, [r for r in rows if r["split"] == split], schema=RAW_SCHEMA,
+                     shard_rows=shard_rows, row_group_rows=7)
 
 
 class Planted:
@@ -84,8 +51,9 @@ class Planted:
         self.bytes: dict[str, bytes] = {}
         rows: list[dict] = []
 
-        def add(id_: str, split: str, label: int | None, body: bytes | None = None, **kw: object) -> None:
-            rows.append(row(id_, split, label, body, **kw))
+        def add(id_: str, split: str, label: int | None, body: bytes | None = None, *, sha256: bool = True,
+                **kw: object) -> None:  # with its sha256, as fetch stores it, unless told
+            rows.append(manifest_row(id_, split, label, body, sha256=sha256, **kw))  # type: ignore[arg-type]
             if body is not None:
                 self.bytes[id_] = body
 
@@ -100,7 +68,7 @@ class Planted:
         add("tr_tiny", "train", 2, jpeg(picture(5, (50, 120))))
         add("tr_wide", "train", 2, jpeg(picture(6, (400, 80))))
         add("tr_a", "train", 3, big[7])
-        add("tr_a2", "train", 3, big[7], sha=False)  # sha256 missing: computed from the bytes
+        add("tr_a2", "train", 3, big[7], sha256=False)  # sha256 missing: computed from the bytes
         add("tr_b_small", "train", 4, small[8])
         add("tr_b", "train", 4, big[8])
         add("tr_c1", "train", 5, big[9])
@@ -317,8 +285,8 @@ def test_spawn_pool_matches_inline(tmp_path: Path, planted: Planted) -> None:
 
 
 def test_all_rows_dropped_leaves_an_empty_split(tmp_path: Path) -> None:
-    write_raw(tmp_path, [row("x", "train", 1, status="timeout", error="slow"),
-                         row("y", "train", 2, jpeg(picture(1, (30, 30))))])
+    write_raw(tmp_path, [manifest_row("x", "train", 1, status="timeout", error="slow"),
+                         manifest_row("y", "train", 2, jpeg(picture(1, (30, 30))))])
     result = clean_mod.clean(tmp_path, config(), write_stats=False)
     assert read_table(tmp_path / "clean" / "train").num_rows == 0
     assert result.splits["train"].dropped == {"fetch_failed": 1, "undersized": 1}

@@ -18,12 +18,12 @@ import statistics
 import subprocess
 import sys
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pytest
+from imatsample.shards import manifest_row
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -56,7 +56,6 @@ def _tree_leaves() -> list[int]:
 
 def _make_rows(rng: random.Random, split: str, n: int, classes: list[int]) -> list[dict]:
     rows = []
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     for i in range(n):
         status = "ok" if rng.random() < 0.75 else rng.choice(STATUSES[1:])
         ok = status == "ok"
@@ -65,16 +64,11 @@ def _make_rows(rng: random.Random, split: str, n: int, classes: list[int]) -> li
         url = f"http://{host}/p/{split}/{i}.jpg?w=750" if status != "invalid" or i % 2 else "not a url"
         # A skewed class distribution: a few big classes, a long tail.
         label = None if split == "test" else classes[min(int(rng.paretovariate(1.1)) - 1, len(classes) - 1)]
-        rows.append({
-            "id": f"{split}-{i:05d}", "split": split, "label": label, "url": url, "status": status,
-            "error": None if ok else f"{status} happened", "http_status": 200 if ok else 503,
-            "attempts": 1, "image": rng.randbytes(40) if ok else None,
-            "image_format": "jpeg" if ok else None,
-            "width": min(ow, 512) if ok else None, "height": min(oh, 512) if ok else None,
-            "orig_width": ow if ok else None, "orig_height": oh if ok else None,
-            "orig_bytes": rng.randint(500, 2_000_000) if ok else None,
-            "sha256": None, "fetched_at": now,
-        })
+        image = rng.randbytes(40) if ok else None  # not a real image: the sizes are given
+        served = rng.randint(500, 2_000_000) if ok else None
+        rows.append(manifest_row(f"{split}-{i:05d}", split, label, image, status=status, url=url,
+                                 error=None if ok else f"{status} happened", http_status=200 if ok else 503,
+                                 size=(min(ow, 512), min(oh, 512)), orig=(ow, oh), orig_bytes=served))
     return rows
 
 
@@ -364,8 +358,8 @@ def test_stage_auto_detection(dataset: dict, tmp_path: Path) -> None:
 def test_empty_split_and_raw_without_labels(tmp_path: Path) -> None:
     # A test-only root with nothing usable still gives figures, tables and plots.
     root = tmp_path / "r"
-    rows = [{"id": str(i), "split": "test", "label": None, "url": f"https://h{i % 2}.example/x",
-             "status": "timeout", "attempts": 3, "fetched_at": datetime.now(timezone.utc)} for i in range(6)]
+    rows = [manifest_row(str(i), "test", None, status="timeout", url=f"https://h{i % 2}.example/x",
+                         attempts=3) for i in range(6)]
     with ShardWriter(root / "raw" / "test") as w:
         w.write_rows(rows)
     data = stats.write_stats(root, quiet=False)

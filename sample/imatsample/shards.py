@@ -57,13 +57,14 @@ def manifest_row(row_id: str, split: str, label: int | None, image: bytes | None
     orig_width, orig_height = orig if ok and orig else (width, height)
     if ok and orig_bytes is None and image is not None:
         orig_bytes = len(image)
-    not_found = status == "http_error"
+    if error is None and status == "http_error":
+        error = "HTTP 404"
+    if http_status is None:
+        http_status = 200 if ok else 404 if status == "http_error" else None
     row = {
         "id": row_id, "split": split, "label": label,
         "url": url or f"http://127.0.0.1/{split}/{row_id}",
-        "status": status, "error": error if error is not None or not not_found else "HTTP 404",
-        "http_status": http_status if http_status is not None else (200 if ok else 404 if not_found else None),
-        "attempts": attempts, "image": image,
+        "status": status, "error": error, "http_status": http_status, "attempts": attempts, "image": image,
         "image_format": "jpeg" if image is not None else None,
         "width": width, "height": height, "orig_width": orig_width, "orig_height": orig_height,
         "orig_bytes": orig_bytes if ok else None,
