@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from imattrain.config import TrainConfig
     from imattrain.engine import train
+    from imattrain.config import EvalConfig
     from imattrain.predict import evaluate_checkpoints
 
     torch.set_num_threads(args.threads)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
 
     def evaluate(name: str, seed: int, paths: list[Path], seconds: float | None, **kw: Any) -> None:
-        rep = evaluate_checkpoints(paths, data, split="val", batch_size=128, workers=0, device="cpu", **kw)
+        rep = evaluate_checkpoints(paths, data, EvalConfig(split="val", batch_size=128, workers=0, device="cpu", **kw))
         m = rep.metrics
         rare = [c for c in m.per_class if c.label >= N_CLASSES // 2]
         rows.append({"row": name, "seed": seed, "top1": m.top1, "top3": m.top3,
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "ce":
                 evaluate("ce + two-stage", seed, [ck / "two_stage.pt"], None)
                 evaluate("ce + tau=1", seed, [ck / "last.pt"], None, tau=1.0)
-                evaluate("ce + tau tuned on val", seed, [ck / "last.pt"], None, tune=True)
+                evaluate("ce + tau tuned on val", seed, [ck / "last.pt"], None, tune_tau=True)
                 snaps = sorted(ck.glob("snapshot-cycle*.pt"))
                 evaluate(f"ce snapshots x{len(snaps)}", seed, snaps, None)
                 evaluate("ce + tta flip", seed, [ck / "last.pt"], None, tta="flip")

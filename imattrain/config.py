@@ -1,9 +1,15 @@
-"""Training configuration: one dataclass, readable from TOML and from flags (flags win).
+"""Trainer configuration: dataclasses whose fields are the commands' flags.
 
-Every field is a `imattrain run` flag (the CLI is generated from the fields, so none is
-forgotten) and a key of `runs/NAME/config.toml`, which a later run can take back with
-`--config`. Values are checked in one place, `TrainConfig.validate`, so a bad value from a
-flag and from a file get the same one-line error.
+`TrainConfig` is everything a run needs. Every field is a `imattrain run` (and `lr-find`)
+flag (the CLI is generated from the fields by `imatdata.options`, so none is forgotten) and a
+key of `runs/NAME/config.toml`, which a later run can take back with `--config`. Values are
+checked in one place, `TrainConfig.validate`, so a bad value from a flag and from a file get
+the same one-line error.
+
+`EvalConfig`, `PredictConfig` (both an `InferConfig`) and `LRFindConfig` are the options of
+`eval`, `predict` and `lr-find`'s range test, generated the same way. They live here rather
+than beside their code because the CLI builds every command's flags at import time, and this
+module does not import torch.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import dataclasses
 import json
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -222,21 +228,12 @@ class TrainConfig:
         return int(round(self.image_size * 256 / 224))
 
 
-# --- field introspection (shared by the CLI and the TOML reader) -------------------------------
-
-
-def field_kind(f: dataclasses.Field[Any]) -> tuple[type, bool]:
-    """(base type, optional?) of a config field: int, float, str or bool."""
-    return options.field_kind(TrainConfig, f)
+# --- flags and TOML ----------------------------------------------------------------------------
 
 
 def config_fields() -> list[dataclasses.Field[Any]]:
+    """The fields of TrainConfig that are flags (all of them)."""
     return options.option_fields(TrainConfig)
-
-
-def parse_value(name: str, raw: Any, *, source: str) -> Any:
-    """Convert a flag string or TOML value to the field's type, with a one-line error."""
-    return options.parse_value(TrainConfig, name, raw, source=source)
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -256,7 +253,7 @@ def load_toml(path: Path) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in known:
             raise UserError(f"{path}: unknown key {key!r}; see `imattrain run --help` for the keys")
-        out[name] = parse_value(name, value, source=str(path))
+        out[name] = options.parse_value(TrainConfig, name, value, source=str(path))
     return out
 
 
@@ -284,3 +281,79 @@ def to_toml(cfg: TrainConfig) -> str:
             text = json.dumps(str(value))  # a JSON string is a valid TOML basic string
         lines.append(f"{f.name} = {text}")
     return "\n".join(lines) + "\n"
+
+
+# --- eval, predict and lr-find ----------------------------------------------------------------
+
+TTA_MODES = ("none", "flip", "five-crop")
+DEFAULT_TAU_GRID = tuple(round(0.1 * i, 2) for i in range(0, 21))  # 0.0 .. 2.0
+
+_FORCE_HELP = ("Replace output files that already exist (never an input: a checkpoint or the "
+               "data).")
+
+
+def parse_tau_grid(text: str) -> tuple[float, ...]:
+    """`--tau-grid 0,0.5,1` as numbers (an empty flag never gets here: it is None, the
+    default grid)."""
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--tau-grid must be comma-separated numbers, e.g. 0,0.5,1 "
+                        f"(got {text!r})") from None
+
+
+@dataclass
+class InferConfig:
+    """How eval and predict run checkpoints over a split: which split, the test-time views,
+    the logit adjustment, and the loader and device (the "infer" flags panel)."""
+
+    split: str = opt("val", "Split to run the checkpoints over.")
+    tta: str = opt("none", "Test-time augmentation averaged per image.",
+                   metavar="|".join(TTA_MODES))
+    # None: the first checkpoint's own run --tau (0 unless its run set one).
+    tau: float | None = opt(None, "Logit adjustment: log p - tau * log(train prior) "
+                                  "\\[default: the run's --tau, else 0].")
+    batch_size: int = opt(128, "Images per inference batch.", group="infer")
+    workers: int = opt(2, "Loader worker processes.", group="infer")
+    device: str = opt("auto", "auto, cpu or cuda.", group="infer")
+    amp: str = opt("auto", "auto (bf16 on CUDA), none, bf16, fp16.", group="infer")
+
+
+@dataclass
+class EvalConfig(InferConfig):
+    """`imattrain eval`: metrics of a labelled split, optionally choosing tau on it."""
+
+    split: str = opt("val", "Labelled split to evaluate.")
+    tune_tau: bool = opt(False, "Choose tau on this split by top-3 error (grid: --tau-grid).")
+    # Not a tuple field: the flag is one comma-separated value, read by `parse`.
+    tau_grid: Sequence[float] | None = opt(None, "Comma-separated taus for --tune-tau (default "
+                                                 "0,0.1,...,2).", parse=parse_tau_grid)
+    worst: int = opt(10, "How many of the worst classes to list.")
+    out: Path | None = opt(None, "Also write the full report (per-class figures included) as JSON.",
+                           parse=Path)
+    force: bool = opt(False, _FORCE_HELP)
+
+
+@dataclass
+class PredictConfig(InferConfig):
+    """`imattrain predict`: the submission of every row of a split (the file is an argument)."""
+
+    split: str = opt("test", "Split to predict (every row gets a line).")
+    tau: float | None = opt(None, "Logit adjustment (e.g. the value eval --tune-tau chose) "
+                                  "\\[default: the run's --tau, else 0].")
+    probs: Path | None = opt(None, "Also write per-class probabilities (Parquet: id, probs).",
+                             parse=Path)
+    force: bool = opt(False, _FORCE_HELP)
+
+
+@dataclass
+class LRFindConfig:
+    """The range test of `imattrain lr-find` (its other flags are run's: a TrainConfig)."""
+
+    start_lr: float = opt(1e-7, "First learning rate.", group="range")
+    end_lr: float = opt(10.0, "Last learning rate.", group="range")
+    steps: int = opt(100, "Optimiser steps (exponential lr growth).", group="range")
+    plot: Path | None = opt(None, "PNG to write (default: <out>/lr_find.png, or "
+                                  "runs/lr-find-<model>-<time>/lr_find.png).",
+                            group="range", parse=Path)
+    force: bool = opt(False, "Replace an existing --plot (and its .json curve).", group="range")

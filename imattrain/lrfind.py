@@ -32,6 +32,7 @@ from torch import nn
 from imatdata.errors import UserError
 from imatdata.manifest import write_bytes_atomic
 from imattrain import distributed as D
+from imattrain.config import LRFindConfig, TrainConfig
 from imattrain.runtime import forward_backward, grad_scaler, optimizer_step, resolve_device, to_device
 
 
@@ -180,7 +181,7 @@ def plot_lr_find(result: LRFindResult, out: Path, title: str = "learning-rate ra
     return out
 
 
-def default_plot_path(cfg: Any) -> Path:
+def default_plot_path(cfg: TrainConfig) -> Path:
     if cfg.out:
         return Path(cfg.out) / "lr_find.png"
     from datetime import datetime, timezone
@@ -189,11 +190,12 @@ def default_plot_path(cfg: Any) -> Path:
     return Path("runs") / f"lr-find-{cfg.model}-{stamp}" / "lr_find.png"
 
 
-def run_lr_find(cfg: Any, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100,
-                plot: Path | None = None, say: Callable[[str], None] = lambda _m: None) -> tuple[LRFindResult, Path]:
-    """The range test on the run's own data, sampler, augmentation, model, loss and
-    optimiser (what `imattrain run` with the same flags would train); writes the plot and a
-    JSON of the curve beside it."""
+def run_lr_find(cfg: TrainConfig, test: LRFindConfig, *,
+                say: Callable[[str], None] = lambda _m: None) -> tuple[LRFindResult, Path]:
+    """The range test `test` on the run's own data, sampler, augmentation, model, loss and
+    optimiser (what `imattrain run` with the same flags would train); writes the plot (to
+    `test.plot`, else `default_plot_path`) and a JSON of the curve beside it. `test.force` is
+    the caller's to check (see `predict.check_outputs`)."""
     import json
 
     from imattrain.setup import Session
@@ -210,12 +212,12 @@ def run_lr_find(cfg: Any, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps
             if batch["image"].shape[0]:
                 yield batch["image"], batch["label"]
 
-    say(f"lr-find: {cfg.model}, {session.num_classes} classes, lr {start_lr:g} -> {end_lr:g} over {steps} steps "
-        f"on {device}")
-    result = lr_range_test(model, optimizer, loss_fn, batches, start_lr=start_lr, end_lr=end_lr, steps=steps,
-                           device=device, autocast_dtype=session.dtype,
+    say(f"lr-find: {cfg.model}, {session.num_classes} classes, lr {test.start_lr:g} -> {test.end_lr:g} "
+        f"over {test.steps} steps on {device}")
+    result = lr_range_test(model, optimizer, loss_fn, batches, start_lr=test.start_lr, end_lr=test.end_lr,
+                           steps=test.steps, device=device, autocast_dtype=session.dtype,
                            channels_last=cfg.channels_last, accumulate=cfg.grad_accum)
-    plot = Path(plot) if plot is not None else default_plot_path(cfg)
+    plot = Path(test.plot) if test.plot is not None else default_plot_path(cfg)
     plot_lr_find(result, plot, title=f"lr-find: {cfg.model}, batch {cfg.batch_size}, {cfg.optimizer}")
     write_bytes_atomic(json.dumps(result.to_dict(), indent=2).encode(), plot.with_suffix(".json"))
     return result, plot

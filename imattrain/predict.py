@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -40,10 +41,8 @@ from torch import nn
 
 from imatdata.errors import UserError
 from imatdata.manifest import read_table, write_bytes_atomic, write_table_atomic
+from imattrain.config import DEFAULT_TAU_GRID, TTA_MODES, EvalConfig, InferConfig, PredictConfig
 from imattrain.runtime import autocast_dtype, resolve_device
-
-TTA_MODES = ("none", "flip", "five-crop")
-DEFAULT_TAU_GRID = tuple(round(0.1 * i, 2) for i in range(0, 21))  # 0.0 .. 2.0
 
 
 # --- pure maths -------------------------------------------------------------------------------
@@ -345,20 +344,22 @@ def split_row_ids(index: Any) -> list[str]:
     return ids
 
 
-def infer(checkpoints: Sequence[LoadedCheckpoint], data_dir: Path, split: str, *, tta: str = "none",
-          batch_size: int = 128, workers: int = 2, device: torch.device | None = None,
-          include_missing: bool = False, amp: str = "auto", channels_last: bool = True) -> Predictions:
-    """Probabilities averaged over TTA views and checkpoints for the rows of `split`
-    (all of them with `include_missing`, else those with a decodable image)."""
+def infer(checkpoints: Sequence[LoadedCheckpoint], data_dir: Path, cfg: InferConfig, *,
+          device: torch.device | None = None, include_missing: bool = False,
+          channels_last: bool = True) -> Predictions:
+    """Probabilities averaged over TTA views and checkpoints for the rows of `cfg.split`
+    (all of them with `include_missing`, else those with a decodable image). `device`, when
+    given, is `cfg.device` already resolved."""
     from imattrain.data import build_loader, scan_split
     from imattrain.transforms import build_eval_transform
 
+    split, tta = cfg.split, cfg.tta
     if tta not in TTA_MODES:
         raise UserError(f"unknown --tta {tta!r}: choose one of {', '.join(TTA_MODES)}")
-    if batch_size < 1 or workers < 0:
+    if cfg.batch_size < 1 or cfg.workers < 0:
         raise UserError("--batch-size must be at least 1 and --workers not negative")
-    device = device or resolve_device()
-    dtype = autocast_dtype(amp, device)
+    device = device or resolve_device(cfg.device)
+    dtype = autocast_dtype(cfg.amp, device)
     index = scan_split(data_dir, split)
     all_ids = split_row_ids(index)
     position = {row_id: i for i, row_id in enumerate(all_ids)}
@@ -376,8 +377,9 @@ def infer(checkpoints: Sequence[LoadedCheckpoint], data_dir: Path, split: str, *
             transform = build_eval_transform(group[0].eval_resize, group[0].eval_resize)
         else:
             transform = build_eval_transform(size, group[0].eval_resize)
-        loader = build_loader(data_dir, split, transform=transform, batch_size=batch_size,
-                              workers=workers, train=False, include_missing=include_missing, index=index)
+        loader = build_loader(data_dir, split, transform=transform, batch_size=cfg.batch_size,
+                              workers=cfg.workers, train=False, include_missing=include_missing,
+                              index=index)
         with torch.inference_mode():
             for batch in loader:
                 rows = np.array([position[str(i)] for i in batch["id"]], dtype=np.int64)
@@ -438,6 +440,10 @@ class EvalReport:
             out["tau_search"] = self.tau_search
         return out
 
+    def to_json(self, worst: int = 10) -> str:
+        """What `eval --json` prints and `eval --out` writes."""
+        return json.dumps(self.to_dict(worst), indent=2)
+
 
 def _check_tau(tau: float | None) -> None:
     """None means the first checkpoint's own `--tau` (0 unless its run set one)."""
@@ -445,27 +451,30 @@ def _check_tau(tau: float | None) -> None:
         raise UserError(f"--tau must be a finite number >= 0 (got {tau})")
 
 
-def evaluate_checkpoints(paths: Sequence[Path], data_dir: Path, *, split: str = "val", tta: str = "none",
-                         tau: float | None = None, tune: bool = False, tau_grid: Sequence[float] = DEFAULT_TAU_GRID,
-                         batch_size: int = 128, workers: int = 2, device: str = "auto",
-                         amp: str = "auto") -> EvalReport:
-    _check_tau(tau)
-    dev = resolve_device(device)
+def evaluate_checkpoints(paths: Sequence[Path], data_dir: Path, cfg: EvalConfig) -> EvalReport:
+    """Metrics of `cfg.split` for one checkpoint or an ensemble; with `cfg.out`, the full
+    report (`to_dict(cfg.worst)`) is also written there as JSON (see `check_outputs`)."""
+    _check_tau(cfg.tau)
+    check_outputs({"--out": cfg.out}, paths, data_dir, cfg.force)
+    dev = resolve_device(cfg.device)
     loaded = load_checkpoints(paths, dev)
-    tau = loaded[0].tau if tau is None else tau
-    preds = infer(loaded, data_dir, split, tta=tta, batch_size=batch_size, workers=workers, device=dev,
-                  include_missing=False, amp=amp)
+    tau = loaded[0].tau if cfg.tau is None else cfg.tau
+    preds = infer(loaded, data_dir, cfg, device=dev, include_missing=False)
     log_p = np.log(np.clip(preds.probs, 1e-30, None))
-    prior = log_prior(loaded[0].class_counts) if (tau or tune) else None
+    prior = log_prior(loaded[0].class_counts) if (tau or cfg.tune_tau) else None
     search = None
-    if tune:
+    if cfg.tune_tau:
         assert prior is not None
-        choice = tune_tau(log_p, preds.labels, prior, tau_grid)
+        grid = DEFAULT_TAU_GRID if cfg.tau_grid is None else cfg.tau_grid
+        choice = tune_tau(log_p, preds.labels, prior, grid)
         tau, search = choice.tau, choice.grid
     metrics = compute_metrics(adjust(log_p, prior, tau), preds.labels)
     base = compute_metrics(log_p, preds.labels) if tau else None
-    return EvalReport(split=split, checkpoints=[str(p) for p in paths], tta=tta, tau=tau, metrics=metrics,
-                      tau_search=search, unadjusted=base)
+    report = EvalReport(split=cfg.split, checkpoints=[str(p) for p in paths], tta=cfg.tta, tau=tau,
+                        metrics=metrics, tau_search=search, unadjusted=base)
+    if cfg.out is not None:
+        write_bytes_atomic((report.to_json(cfg.worst) + "\n").encode(), cfg.out)
+    return report
 
 
 # --- predict ----------------------------------------------------------------------------------
@@ -480,19 +489,18 @@ class PredictReport:
     probs: str | None
 
 
-def predict_submission(paths: Sequence[Path], data_dir: Path, out: Path, *, split: str = "test",
-                       tta: str = "none", tau: float | None = None, probs_out: Path | None = None,
-                       batch_size: int = 128, workers: int = 2, device: str = "auto",
-                       amp: str = "auto", force: bool = False) -> PredictReport:
-    """Write the competition file (and optionally the probabilities) for every row of `split`.
-    Existing files are replaced only with `force`; inputs never (see `check_outputs`)."""
-    _check_tau(tau)
-    check_outputs({"--out": out, "--probs": probs_out}, paths, data_dir, force)
-    dev = resolve_device(device)
+def predict_submission(paths: Sequence[Path], data_dir: Path, out: Path,
+                       cfg: PredictConfig) -> PredictReport:
+    """Write the competition file `out` (and, with `cfg.probs`, the probabilities) for every row
+    of `cfg.split`. Existing files are replaced only with `cfg.force`; inputs never (see
+    `check_outputs`)."""
+    probs_out = cfg.probs
+    _check_tau(cfg.tau)
+    check_outputs({"--out": out, "--probs": probs_out}, paths, data_dir, cfg.force)
+    dev = resolve_device(cfg.device)
     loaded = load_checkpoints(paths, dev)
-    tau = loaded[0].tau if tau is None else tau
-    preds = infer(loaded, data_dir, split, tta=tta, batch_size=batch_size, workers=workers, device=dev,
-                  include_missing=True, amp=amp)
+    tau = loaded[0].tau if cfg.tau is None else cfg.tau
+    preds = infer(loaded, data_dir, cfg, device=dev, include_missing=True)
     all_ids = preds.ids  # include_missing: every row of the split, in shard order
     counts = loaded[0].class_counts
     num_classes = loaded[0].num_classes

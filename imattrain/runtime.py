@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imatdata.errors import UserError
+from imatdata.options import available_cpus
+from imatdata.terminal import Bars
 from imattrain import distributed as D
 
 AMPS = ("auto", "none", "bf16", "fp16")
@@ -69,12 +70,13 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def cpu_threads(requested: int, workers: int, ranks: int = 1) -> int:
-    """Model threads on a CPU device: `requested`, else the cores the loader workers leave.
+    """Model threads on a CPU device: `requested`, else the cores the loader workers leave
+    (of those this process may run on: taskset and container CPU sets count).
 
     Oversubscribed OpenMP threads spin against the loader workers (and other ranks): on a
     busy 2-core machine that is 10-20x slower than one thread.
     """
-    return requested or max(1, (os.cpu_count() or 1) // ranks - workers)
+    return requested or max(1, available_cpus() // ranks - workers)
 
 
 def build_optimizer(cfg: Any, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
@@ -237,33 +239,19 @@ class Console:
 
 
 class EpochProgress:
-    """A rich progress bar for one epoch; a no-op when disabled or not on a terminal (logs
-    and pipes get the one-line epoch summaries only)."""
+    """The progress bar of one epoch, with the loss; a no-op when disabled or not on a
+    terminal (logs and pipes get the one-line epoch summaries only). It vanishes when closed."""
 
     def __init__(self, enabled: bool, epoch: int, epochs: int, total: int, done: int) -> None:
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console as RichConsole
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.bar = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(),
-                            MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=RichConsole(stderr=True), transient=True)
-        if not self.bar.console.is_terminal:
-            self.bar = None
-            return
-        self.task = self.bar.add_task("train", total=total, completed=done, loss="…")
-        self.bar.start()
+        self.name = f"epoch {epoch + 1}/{epochs}"
+        # Started here and stopped by close(), not a with-block: the epoch loop leaves from
+        # several places (end of data, --max-steps).
+        self.bars = Bars(enabled=enabled, fields=("loss {task.fields[loss]}",),
+                         initial={"loss": "…"}, transient=True, terminal_only=True).__enter__()
+        self.bars.update(self.name, completed=done, total=total)
 
     def advance(self, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1,
-                            loss="…" if math.isnan(loss) else f"{loss:.4f}")
+        self.bars.update(self.name, advance=1, loss="…" if math.isnan(loss) else f"{loss:.4f}")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        self.bars.close()

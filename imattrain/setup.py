@@ -25,8 +25,9 @@ from imattrain.runtime import autocast_dtype, build_optimizer
 from imattrain.transforms import build_eval_transform, build_train_transform
 
 
-def resolve_data_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.data) if cfg.data else resolve_root(cfg.root, writable=False) / "clean"
+def resolve_data_dir(data: str | None, root: str | None) -> Path:
+    """--data, else <root>/clean: the one rule of run, lr-find, eval and predict."""
+    return Path(data) if data else resolve_root(root, writable=False) / "clean"
 
 
 def build_model_and_loss(cfg: TrainConfig, num_classes: int,
@@ -85,7 +86,7 @@ class Session:
     @classmethod
     def from_config(cls, cfg: TrainConfig, world: D.World, device: torch.device,
                     say: Callable[[str], None] = lambda _m: None) -> Session:
-        data_dir = resolve_data_dir(cfg)
+        data_dir = resolve_data_dir(cfg.data, cfg.root)
         train_index = scan_split(data_dir, cfg.train_split)
         val_index = None
         if cfg.val_split:

@@ -144,6 +144,7 @@ def test_a_runs_tau_is_the_default_of_eval_and_predict(tmp_path):
     import torch
 
     from imattrain.checkpoint import load_checkpoint, save_checkpoint
+    from imattrain.config import EvalConfig, PredictConfig
     from imattrain.models import build_model
     from imattrain.predict import evaluate_checkpoints, predict_submission
     from tricks_shards import write_dataset
@@ -156,10 +157,10 @@ def test_a_runs_tau_is_the_default_of_eval_and_predict(tmp_path):
     ckpt = save_checkpoint(state, tmp_path / "c.pt")
     assert load_checkpoint(ckpt)["config"]["tau"] == 0.7
     kw = dict(workers=0, device="cpu", batch_size=8)
-    assert evaluate_checkpoints([ckpt], data, **kw).tau == 0.7
-    assert evaluate_checkpoints([ckpt], data, tau=0.0, **kw).tau == 0.0
+    assert evaluate_checkpoints([ckpt], data, EvalConfig(**kw)).tau == 0.7
+    assert evaluate_checkpoints([ckpt], data, EvalConfig(tau=0.0, **kw)).tau == 0.0
     # The default and an explicit --tau equal to it write the same submission.
-    predict_submission([ckpt], data, tmp_path / "a.csv", **kw)
-    predict_submission([ckpt], data, tmp_path / "b.csv", tau=0.7, **kw)
-    predict_submission([ckpt], data, tmp_path / "c.csv", tau=0.0, **kw)
+    predict_submission([ckpt], data, tmp_path / "a.csv", PredictConfig(**kw))
+    predict_submission([ckpt], data, tmp_path / "b.csv", PredictConfig(tau=0.7, **kw))
+    predict_submission([ckpt], data, tmp_path / "c.csv", PredictConfig(tau=0.0, **kw))
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
