@@ -95,7 +95,7 @@ def fetch(
         from rich.console import Console
 
         from imatdata import fetch as fetch_mod
-        from imatdata.fetch.download import DEFAULT_USER_AGENT, NetConfig
+        from imatdata.fetch.config import DEFAULT_USER_AGENT, NetConfig
 
         net = NetConfig(concurrency=concurrency, per_host=per_host, retries=retries, timeout=timeout,
                         max_bytes=fetch_mod.parse_size(max_bytes), memory=fetch_mod.parse_size(memory, "--memory"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from imatdata import fetch
+from imatdata.fetch import store
 from imatdata.fetch import journal_dir
 from imatdata.manifest import list_shards
 from imatsample import Catalogue, Item, big_catalogue, build_catalogue, serve_in_thread, write_lists
@@ -24,8 +24,8 @@ from test_fetch import FAST, cli, fetch_lib, group_gone, kill_fetch, rows, spawn
 
 def test_fault_catalogue_over_two_loops(tmp_path: Path, monkeypatch) -> None:
     sealed = []
-    real_seal = fetch.seal_journal
-    monkeypatch.setattr(fetch, "seal_journal", lambda *a, **k: sealed.append(real_seal(*a, **k)) or sealed[-1])
+    real_seal = store.seal_journal
+    monkeypatch.setattr(store, "seal_journal", lambda *a, **k: sealed.append(real_seal(*a, **k)) or sealed[-1])
     cat = build_catalogue("faults", seed=0)
     with serve_in_thread(cat) as srv:
         lists = write_lists(cat, srv, tmp_path / "lists")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from imatdata import fetch
+from imatdata.fetch import store
 from imatdata.fetch import _write_journal_file, base_row, finalize_split, journal_dir, journal_files, seal_journal
 from imatdata.manifest import RAW_SCHEMA, ShardWriter, list_shards, read_table, split_dir
 from imatsample import big_catalogue, serve_in_thread, write_lists
@@ -107,7 +107,7 @@ def test_settle_rewrites_only_shards_with_superseded_or_unlisted_rows(tmp_path: 
 
 def test_a_run_seals_shards_as_it_goes(tmp_path: Path, monkeypatch) -> None:
     sealed: list[Path] = []
-    real = fetch.seal_journal
+    real = store.seal_journal
 
     def spy(*args, **kwargs):
         shard = real(*args, **kwargs)
@@ -115,7 +115,7 @@ def test_a_run_seals_shards_as_it_goes(tmp_path: Path, monkeypatch) -> None:
             sealed.append(shard)
         return shard
 
-    monkeypatch.setattr(fetch, "seal_journal", spy)
+    monkeypatch.setattr(store, "seal_journal", spy)
     n = 300
     cat = big_catalogue(n, n_bodies=8, size=24)
     with serve_in_thread(cat) as srv:

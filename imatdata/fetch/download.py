@@ -36,10 +36,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from imatdata import __version__
-from imatdata.errors import UserError
+# NetConfig lives with the other options, where no aiohttp is imported.
+from imatdata.fetch.config import MIB, NetConfig, parse_networks
 
-DEFAULT_USER_AGENT = f"imat/{__version__} (+image dataset downloader; honours X-Robots-Tag noai)"
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 RETRYABLE_CODES = frozenset({408, 429})
@@ -50,75 +49,12 @@ _READ_CHUNK = 64 * 1024
 # How the error of an `invalid` row made here (not by input validation) starts; fetch's store
 # tells the two apart by it.
 INVALID_URL = "invalid URL: "
-MIB = 1024 * 1024
-# Default --memory: response bodies held at once by a whole fetch (all loops together).
-# A body also has copies on its way to an image worker and inside it, so the process tree
-# peaks near 4x this plus ~200 MiB of code: about 700 MiB for 128 bodies of 19 MiB at once
-# (bench/memory.py; README promises under 1 GiB).
-DEFAULT_MEMORY = 128 * MIB
-MIN_MEMORY = 1 * MIB
 # Budget a request takes before it is sent: what aiohttp may buffer of an open response
 # before we read it (its high-water mark of 2 x 64 KiB, plus one socket read of up to 256 KiB).
 _OPEN_RESPONSE_BYTES = 384 * 1024
 # A body without Content-Length takes budget in steps of this once it outgrows what it took
 # before its request (most images never do).
 _GROW_STEP = 1 * MIB
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    """Network settings of one fetch run (the CLI flags, plus internal knobs tests shrink)."""
-
-    concurrency: int = 256
-    per_host: int = 16
-    retries: int = 3
-    timeout: float = 30.0
-    max_bytes: int = 20 * 1024 * 1024
-    max_redirects: int = 10
-    allow_private: bool = False
-    allow_nets: tuple[str, ...] = ()
-    insecure: bool = False
-    ignore_optout: bool = False
-    user_agent: str = DEFAULT_USER_AGENT
-    # Backoff between attempts of one row: full jitter over base * 2**n, at most cap.
-    backoff_base: float = 1.0
-    backoff_cap: float = 30.0
-    retry_after_cap: float = 120.0
-    # A host whose last `host_fail_threshold` attempts all failed transiently is paused
-    # (2, 4, 8 ... x host_pause_base seconds); after `host_max_pauses` pauses without a
-    # success in between it is given up for this run (rows fail fast, --retry-failed retries).
-    host_fail_threshold: int = 10
-    host_pause_base: float = 2.0
-    host_pause_cap: float = 120.0
-    host_max_pauses: int = 6
-    dns_ttl: int = 300
-    # Bytes of response bodies a fetch may hold at once (`--memory`); fetch gives each loop
-    # its share as a `ByteBudget`. A Fetcher without a budget does not count.
-    memory: int = DEFAULT_MEMORY
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise UserError("--concurrency must be at least 1")
-        if self.per_host < 1:
-            raise UserError("--per-host must be at least 1")
-        if self.retries < 0:
-            raise UserError("--retries must be 0 or more")
-        if self.retries > 100:
-            raise UserError("--retries must be at most 100")
-        if self.timeout <= 0:
-            raise UserError("--timeout must be a positive number of seconds")
-        if self.max_bytes < 1:
-            raise UserError("--max-bytes must be at least 1 byte")
-        if self.memory < MIN_MEMORY:
-            raise UserError("--memory must be at least 1MiB (a body larger than it still gets through, "
-                            "one at a time)")
-        parse_networks(self.allow_nets)  # fail early on a bad CIDR
-
-    @property
-    def ua_token(self) -> str:
-        """The product token robots rules name us by: 'imat' for 'imat/0.1 (...)'."""
-        token = self.user_agent.strip().split("/")[0].split()[0] if self.user_agent.strip() else "imat"
-        return token.lower()
 
 
 @dataclass
@@ -269,16 +205,6 @@ class ByteBudget:
 
 
 # --- address policy ------------------------------------------------------------------------
-
-
-def parse_networks(cidrs: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    nets = []
-    for c in cidrs:
-        try:
-            nets.append(ipaddress.ip_network(c.strip(), strict=False))
-        except ValueError:
-            raise UserError(f"--allow-net {c!r}: not a network; use CIDR like 127.0.0.0/8 or 10.1.2.3/32") from None
-    return nets
 
 
 _IPv4, _IPv6 = ipaddress.IPv4Address, ipaddress.IPv6Address

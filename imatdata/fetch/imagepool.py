@@ -1,11 +1,11 @@
 """The image workers of `imatdata fetch`: child processes fed straight from the event loop.
 
-Each worker is a child process (`python -m imatdata.fetch.imagepool`) joined to the parent by a
-Unix socket pair. The loop writes a batch of bodies as raw bytes in one framed message and
-reads the results back, pickled, on the same socket. There is nothing in between: no feeder
-or result threads fighting the loop for the GIL and no pickling of the bodies (driving
-`concurrent.futures`' process pool took 0.33 ms of the parent's CPU per 100 KB photo; this
-takes 0.25, most of it the asyncio bookkeeping both share).
+Each worker is a child process running `imatdata.fetch.imagepool.main` (`worker_command`)
+joined to the parent by a Unix socket pair. The loop writes a batch of bodies as raw bytes in
+one framed message and reads the results back, pickled, on the same socket. There is nothing
+in between: no feeder or result threads fighting the loop for the GIL and no pickling of the
+bodies (driving `concurrent.futures`' process pool took 0.33 ms of the parent's CPU per
+100 KB photo; this takes 0.25, most of it the asyncio bookkeeping both share).
 
 Bodies queue here and travel in small batches when a backlog builds up; at most two
 batches per worker are in flight, so a worker never waits for its next batch. A decoder
@@ -208,10 +208,11 @@ class ImagePool:
         self._pump()
 
 
-# The folder that holds the imatdata package, appended (not prepended) to a worker's sys.path:
-# the standard library and site-packages come first, so it matters only when imatdata runs
-# from a checkout that is not installed, and shadows nothing.
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+# The folder that holds the imatdata package (this file is imatdata/fetch/imagepool.py),
+# appended (not prepended) to a worker's sys.path: the standard library and site-packages
+# come first, so it matters only when imatdata runs from a checkout that is not installed,
+# and shadows nothing.
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 _BOOT = ("import sys; p = sys.argv.pop(1); p in sys.path or sys.path.append(p); "
          "from imatdata.fetch.imagepool import main; main()")
 

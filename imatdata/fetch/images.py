@@ -1,8 +1,9 @@
 """Image work as pure functions over bytes: sniff, bomb check, decode, upright, RGB, resize.
 
-This is the CPU-heavy half of fetch and runs in worker processes, so it imports only Pillow
-and the standard library (a spawned worker stays small) and its entry point,
-`process_image`, is a picklable top-level function returning a plain dataclass.
+This is the CPU-heavy half of fetch and runs in worker processes, so it imports only Pillow,
+the standard library and fetch's `config` (itself stdlib-only): a spawned worker stays small.
+Its entry point, `process_image`, is a picklable top-level function returning a plain
+dataclass.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-# Pillow's own limit warns at this many pixels and raises at twice it; fetch checks the
-# header against its own limit first, so a bomb is refused before any pixel is decoded.
-DEFAULT_MAX_PIXELS = 89_478_485
-MIB = 1024 * 1024
+# The defaults are the flags' (config), re-exported here for callers of the image work alone.
+from imatdata.fetch.config import DEFAULT_MAX_PIXELS, DEFAULT_RESIZE_FILTER, MIB, RESIZE_FILTER_NAMES
+
 # What decoding one image may allocate, judged from its header before any pixel is decoded
 # (`decode_cost`). Near the pixel limit a PNG costs up to 9x this (a 9000x9000 RGBA PNG is
 # 309 MiB of pixels, 1 GiB once converted) while a 512 px target needs none of it; 128 MiB
@@ -39,18 +39,15 @@ _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N
 # canvas and the bytes it hands over (measured: 4x); libtiff's RGBA reader.
 _FORMAT_COPIES = {"webp": 4, "avif": 4, "tiff": 2}
 JPEG_QUALITY = 90
-# Downscaling filters (`--resize-filter`), all antialiased: Pillow widens the kernel with the
-# scale factor. The resize is most of the image work (a 900 px photo going to 512 px: decode
-# ~3 ms, resize ~3 ms area / 5 bilinear / 8 bicubic / 11 lanczos, encode ~1 ms), so the filter
-# sets the download rate on a small machine. "area" averages the source pixels under each
-# output pixel, as OpenCV's INTER_AREA (img2dataset's default for downscaling) does.
-RESIZE_FILTERS = {
+# Pillow's filter for each `--resize-filter` name (config.RESIZE_FILTER_NAMES says why each).
+# Built from the names so a name added there without a filter here fails at import.
+_PILLOW_FILTERS = {
     "area": Image.Resampling.BOX,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
-DEFAULT_RESIZE_FILTER = "area"
+RESIZE_FILTERS = {name: _PILLOW_FILTERS[name] for name in RESIZE_FILTER_NAMES}
 ORIENTATION_TAG = 0x0112
 
 # Magic numbers of the formats Pillow decodes and the web serves. The id's extension and the
