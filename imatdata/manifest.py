@@ -20,9 +20,6 @@ import pyarrow.parquet as pq
 
 from imatdata import storage
 from imatdata.errors import UserError
-# Re-exported while callers move to importing them from storage.
-from imatdata.storage import (RunLock, fsync_dir, remove_stale_temps,  # noqa: F401
-                              temp_path_for, write_bytes_atomic)
 
 # --- schema -------------------------------------------------------------------------------
 

@@ -12,35 +12,26 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import os
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import Field, field, fields
 from typing import Any, Optional
 
-import typer
-
 from imatdata.errors import UserError
-
-def available_cpus() -> int:
-    """The cores this process may run on: CPU affinity where the OS has it (taskset and
-    container CPU sets limit it), else the machine's count. Every worker default uses this."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
         group: str | None = None, parse: Callable[[str], Any] | None = None,
-        metavar: str | None = None) -> Any:
+        metavar: str | None = None, flag: str | None = None, negatable: bool = True) -> Any:
     """A dataclass field that is also a flag. `parse` reads the flag's text (e.g. '20MiB')
-    when the field's own type cannot; `group` names its panel in --help."""
-    meta = {"help": help, "choices": choices, "group": group, "parse": parse, "metavar": metavar}
+    when the field's own type cannot; `group` names its panel in --help; `flag` is the flag's
+    name when it is not the field's (a repeatable `--allow-net` filling `allow_nets`). A bool
+    is `--x/--no-x` unless `negatable` is false: then it is a plain switch (`--force`)."""
+    meta = {"help": help, "choices": choices, "group": group, "parse": parse, "metavar": metavar,
+            "flag": flag, "negatable": negatable}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -48,6 +39,11 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
 
 def flag_name(field_name: str) -> str:
     return field_name.replace("_", "-")
+
+
+def field_flag(f: Field[Any]) -> str:
+    """The flag of a field, without its dashes."""
+    return f.metadata.get("flag") or flag_name(f.name)
 
 
 def option_fields(cls: type) -> list[Field[Any]]:
@@ -71,7 +67,7 @@ def parse_value(cls: type, name: str, raw: Any, *, source: str = "flag") -> Any:
     """A flag's text (or a TOML value) as the field's type, with a one-line error."""
     f = {f.name: f for f in fields(cls)}[name]
     tp, optional = field_kind(cls, f)
-    where = f"--{flag_name(name)}" if source == "flag" else f"{source}: {name}"
+    where = f"--{field_flag(f)}" if source == "flag" else f"{source}: {name}"
     if raw is None or (optional and isinstance(raw, str) and raw.strip().lower() in ("", "none")):
         if optional:
             return None
@@ -119,23 +115,29 @@ def parse_given(cls: type, given: Mapping[str, Any]) -> dict[str, Any]:
 def typer_parameters(cls: type, panels: Mapping[str | None, str] | None = None,
                      skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
     """One keyword-only typer option per flag field of `cls` (default None: "not typed")."""
+    import typer  # here, not at the top: config modules import this one in worker processes
+
     params = []
     for f in option_fields(cls):
         if f.name in skip:
             continue
         tp, _optional = field_kind(cls, f)
-        name = flag_name(f.name)
+        name = field_flag(f)
         help_text = f.metadata["help"]
         choices = f.metadata.get("choices")
         if choices:
             help_text += f" One of: {', '.join(choices)}."
         panel = (panels or {}).get(f.metadata.get("group"))
         default = f.default if f.default is not dataclasses.MISSING else None
-        if tp is bool:
+        if tp is bool and not f.metadata.get("negatable", True):
+            option = typer.Option(None, f"--{name}", show_default=False, help=help_text,
+                                  rich_help_panel=panel)
+            annotation: Any = Optional[bool]
+        elif tp is bool:
             option = typer.Option(None, f"--{name}/--no-{name}", show_default=False,
                                   help=f"{help_text} \\[default: {'on' if default else 'off'}]",
                                   rich_help_panel=panel)
-            annotation: Any = Optional[bool]
+            annotation = Optional[bool]
         elif tp is tuple:
             option = typer.Option(None, f"--{name}", show_default=False, help=help_text,
                                   rich_help_panel=panel)

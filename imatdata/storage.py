@@ -194,8 +194,12 @@ def remove(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def remove_tree(folder: Path) -> None:
+def remove_tree(folder: Path, *, strict: bool = False) -> None:
+    """Remove a folder and all it holds (nothing when it is missing). With `strict`, a folder
+    that survives is an OSError rather than ignored."""
     shutil.rmtree(folder, ignore_errors=True)
+    if strict and folder.exists():
+        raise OSError(f"cannot remove {folder}; remove it and run again")
 
 
 def remove_stale_temps(folder: Path) -> None:

@@ -44,7 +44,7 @@ class Bars:
             return
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   *(TextColumn(f) for f in fields), TimeElapsedColumn(),
-                                  TimeRemainingColumn(), console=out, transient=transient,
+                                  TextColumn("ETA"), TimeRemainingColumn(), console=out, transient=transient,
                                   refresh_per_second=4)
 
     def __enter__(self) -> Bars:

@@ -13,7 +13,7 @@ import inspect
 import sys
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +21,7 @@ import typer
 
 from imatdata.errors import UserError
 from imatdata.errors import user_errors as _user_errors
-from imatdata.options import command, field_kind, flag_name, opt, parse_given, typer_parameters
+from imatdata.options import command, opt, parse_given, typer_parameters
 from imattrain.config import (
     EvalConfig,
     LRFindConfig,
@@ -63,22 +63,6 @@ _RANGE_PANELS = {"range": "Range test"}
 def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                              default=default)
-
-
-def _flags(cls: type, panels: Mapping[str | None, str]) -> list[inspect.Parameter]:
-    """The flags of `cls`, where a bool that is off by default is a plain switch (`--force`),
-    as eval, predict and lr-find have always had, rather than the generator's
-    `--force/--no-force` pair (which run keeps for its bools)."""
-    by_name = {f.name: f for f in fields(cls)}
-    params = []
-    for p in typer_parameters(cls, panels):
-        f = by_name[p.name]
-        if field_kind(cls, f)[0] is bool and f.default is False:
-            p = p.replace(annotation=bool, default=typer.Option(
-                False, f"--{flag_name(f.name)}", help=f.metadata["help"],
-                rich_help_panel=panels.get(f.metadata.get("group"))))
-        params.append(p)
-    return params
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -182,7 +166,7 @@ def eval_command(*, checkpoint: Optional[list[Path]], more: Optional[list[Path]]
 
 app.command("eval")(command(
     eval_command,
-    [*_CHECKPOINT_FLAGS, *_flags(Inputs, {}), *_flags(EvalConfig, _INFER_PANELS),
+    [*_CHECKPOINT_FLAGS, *typer_parameters(Inputs, {}), *typer_parameters(EvalConfig, _INFER_PANELS),
      _json_flag("Print the report as JSON on stdout.")],
     "Top-1/3/5, per-class and balanced accuracy of one checkpoint or an ensemble."))
 
@@ -239,7 +223,7 @@ app.command("predict")(command(
     [*_CHECKPOINT_FLAGS,
      # Required, which a config field (every flag defaults to "not typed") cannot say.
      _param("out", Path, typer.Option(..., "--out", help="Submission CSV to write (id,predicted).")),
-     *_flags(Inputs, {}), *_flags(PredictConfig, _INFER_PANELS),
+     *typer_parameters(Inputs, {}), *typer_parameters(PredictConfig, _INFER_PANELS),
      _json_flag("Print a JSON summary on stdout.")],
     "Write the competition file: id,predicted with three labels per row, best first."))
 
@@ -274,7 +258,7 @@ def lr_find_command(*, config: Path | None, **given: Any) -> None:
 
 # run's options (same data/model/optimiser flags) plus the range-test ones.
 app.command("lr-find")(command(
-    lr_find_command, [*_RUN_FLAGS, *_flags(LRFindConfig, _RANGE_PANELS)],
+    lr_find_command, [*_RUN_FLAGS, *typer_parameters(LRFindConfig, _RANGE_PANELS)],
     "Learning-rate range test on the real data and model (takes run's flags): exponential lr "
     "sweep, smoothed loss, plot and a suggested rate."))
 

@@ -324,14 +324,14 @@ class EvalConfig(InferConfig):
     """`imattrain eval`: metrics of a labelled split, optionally choosing tau on it."""
 
     split: str = opt("val", "Labelled split to evaluate.")
-    tune_tau: bool = opt(False, "Choose tau on this split by top-3 error (grid: --tau-grid).")
+    tune_tau: bool = opt(False, "Choose tau on this split by top-3 error (grid: --tau-grid).", negatable=False)
     # Not a tuple field: the flag is one comma-separated value, read by `parse`.
     tau_grid: Sequence[float] | None = opt(None, "Comma-separated taus for --tune-tau (default "
                                                  "0,0.1,...,2).", parse=parse_tau_grid)
     worst: int = opt(10, "How many of the worst classes to list.")
     out: Path | None = opt(None, "Also write the full report (per-class figures included) as JSON.",
                            parse=Path)
-    force: bool = opt(False, _FORCE_HELP)
+    force: bool = opt(False, _FORCE_HELP, negatable=False)
 
 
 @dataclass
@@ -343,7 +343,7 @@ class PredictConfig(InferConfig):
                                   "\\[default: the run's --tau, else 0].")
     probs: Path | None = opt(None, "Also write per-class probabilities (Parquet: id, probs).",
                              parse=Path)
-    force: bool = opt(False, _FORCE_HELP)
+    force: bool = opt(False, _FORCE_HELP, negatable=False)
 
 
 @dataclass
@@ -356,4 +356,5 @@ class LRFindConfig:
     plot: Path | None = opt(None, "PNG to write (default: <out>/lr_find.png, or "
                                   "runs/lr-find-<model>-<time>/lr_find.png).",
                             group="range", parse=Path)
-    force: bool = opt(False, "Replace an existing --plot (and its .json curve).", group="range")
+    force: bool = opt(False, "Replace an existing --plot (and its .json curve).", group="range",
+                      negatable=False)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from imatdata.errors import UserError
-from imatdata.manifest import write_bytes_atomic
+from imatdata.storage import write_bytes_atomic
 from imattrain import distributed as D
 from imattrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from imattrain.config import TrainConfig, to_toml

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from imatdata.errors import UserError
-from imatdata.manifest import write_bytes_atomic
+from imatdata.storage import write_bytes_atomic
 from imattrain import distributed as D
 from imattrain.config import LRFindConfig, TrainConfig
 from imattrain.runtime import forward_backward, grad_scaler, optimizer_step, resolve_device, to_device

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imatdata.errors import UserError
-from imatdata.manifest import read_table, write_bytes_atomic, write_table_atomic
+from imatdata.manifest import read_table, write_table_atomic
+from imatdata.storage import write_bytes_atomic
 from imattrain.config import DEFAULT_TAU_GRID, TTA_MODES, EvalConfig, InferConfig, PredictConfig
 from imattrain.runtime import autocast_dtype, resolve_device
 

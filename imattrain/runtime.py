@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imatdata.errors import UserError
-from imatdata.options import available_cpus
+from imatdata.procs import available_cpus
 from imatdata.terminal import Bars
 from imattrain import distributed as D
 

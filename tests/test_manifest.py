@@ -17,6 +17,7 @@ import pytest
 from imatsample.shards import manifest_row
 
 from imatdata import manifest as m
+from imatdata import storage
 
 # The SPEC's column table, restated here so the test fails if either side drifts.
 SPEC_COLUMNS = {
@@ -158,7 +159,7 @@ def test_killed_writer_leaves_no_partial_shard(tmp_path: Path) -> None:
     assert m.read_table(tmp_path).column("id").to_pylist() == [f"{i:032x}.jpg" for i in range(8)]
     leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert leftovers, "the unfinished shard should have been under a temporary name"
-    m.remove_stale_temps(tmp_path)
+    storage.remove_stale_temps(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["part-00000.parquet"]
 
 
@@ -253,21 +254,21 @@ def test_run_lock_excludes_another_process_and_leaves_nothing(tmp_path: Path) ->
     code = textwrap.dedent(f"""
         from pathlib import Path
         from imatdata.errors import UserError
-        from imatdata.manifest import RunLock
+        from imatdata.storage import RunLock
         try:
             with RunLock(Path({str(tmp_path)!r}), "busy here"):
                 print("got it")
         except UserError as exc:
             print(exc)
     """)
-    with m.RunLock(tmp_path, "busy"):
+    with storage.RunLock(tmp_path, "busy"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert out.stdout.strip() == "busy here"
         with pytest.raises(m.UserError, match="busy"):  # even from this process: flock is per open file
-            with m.RunLock(tmp_path, "busy"):
+            with storage.RunLock(tmp_path, "busy"):
                 pass
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "got it"
     assert list(tmp_path.iterdir()) == []  # a folder is locked in place
-    with m.RunLock(tmp_path / "raw" / ".some.lock", "busy"):
+    with storage.RunLock(tmp_path / "raw" / ".some.lock", "busy"):
         assert (tmp_path / "raw" / ".some.lock").is_file()

@@ -40,6 +40,7 @@ from imatdata.clean.config import CleanConfig
 from imatdata.clean.report import ProgressFn
 from imatdata.clean.rows import Rows, raw_batches
 from imatdata.manifest import list_shards
+from imatdata.procs import safe_path_children
 
 # JPEG draft target for hashing: phash looks at 32x32, so 64 px leaves margin for resampling.
 HASH_DRAFT_SIDE = 64
@@ -237,10 +238,6 @@ def _url_key(url: str | None) -> int:
 def _hash_in_pool(tasks: Iterator[Task], workers: int, start_method: str,
                   absorb: Callable[[int, int, list[dict[str, Any]], list[HashedRow]], None]) -> None:
     """Hash `tasks` in a process pool, absorbing results in task order."""
-    # Imported here, not at the top: every spawned worker imports this package, and
-    # imatdata.fetch would cost each of them ~0.3 s of aiohttp it never uses.
-    from imatdata.fetch.imagepool import safe_path_children
-
     ctx = multiprocessing.get_context(start_method)
     with safe_path_children(), ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                                    initializer=_ignore_sigint) as pool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imatdata.errors import UserError
-from imatdata.options import available_cpus
+from imatdata.procs import available_cpus
 
 DEDUP_MODES = ("near", "exact", "off")
 # Half the bits of a 64-bit hash: beyond that "near" means nothing.

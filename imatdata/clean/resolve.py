@@ -212,7 +212,7 @@ def recover(root: Path) -> None:
         storage.replace(old, final)
     for leftover in (staging, old):
         if storage.exists(leftover):
-            _remove_tree_or_fail(leftover)
+            storage.remove_tree(leftover, strict=True)  # a stale staging would be swapped in
 
 
 @contextmanager
@@ -234,12 +234,4 @@ def _swap_in(staging: Path, final: Path, old: Path) -> None:
         storage.replace(final, old)
     storage.replace(staging, final)
     if storage.exists(old):
-        _remove_tree_or_fail(old)
-
-
-def _remove_tree_or_fail(folder: Path) -> None:
-    """storage.remove_tree ignores errors; here a folder that survives is one: a stale
-    staging folder's shards would be swapped in with the next clean/."""
-    storage.remove_tree(folder)
-    if storage.exists(folder):
-        raise OSError(f"cannot remove {folder}; remove it and run clean again")
+        storage.remove_tree(old, strict=True)

@@ -224,25 +224,6 @@ def worker_command(*args: str) -> list[str]:
     return [sys.executable, "-P", "-c", _BOOT, _PACKAGE_PARENT, *args]
 
 
-@contextmanager
-def safe_path_children() -> Iterator[None]:
-    """Python processes started inside this block do not put the current directory on their
-    sys.path (PYTHONSAFEPATH=1, as `-P`). For multiprocessing's spawn and forkserver starts,
-    which run `python -c ...` and would otherwise import a `struct.py` lying in the current
-    directory before the child is even set up. (A spawned child then takes its parent's
-    sys.path, which holds the current directory only if the parent was started with
-    `python -m` from there.)"""
-    before = os.environ.get("PYTHONSAFEPATH")
-    os.environ["PYTHONSAFEPATH"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("PYTHONSAFEPATH", None)
-        else:
-            os.environ["PYTHONSAFEPATH"] = before
-
-
 async def _reap(proc: subprocess.Popen[bytes]) -> None:
     for _ in range(50):  # up to 5 s for the worker to finish its batch and see EOF
         if proc.poll() is not None:

@@ -31,13 +31,13 @@ import numpy as np
 from imatdata.errors import UserError
 from imatdata.fetch.config import MIN_MEMORY, FetchOptions
 from imatdata.fetch.download import ByteBudget, Download, Fetcher
-from imatdata.fetch.imagepool import ImagePool, safe_path_children
+from imatdata.fetch.imagepool import ImagePool
 from imatdata.fetch.images import ImageResult
 from imatdata.fetch.report import Counters, FetchSummary, Progress, write_summary
 from imatdata.fetch.sources import Record, ScanResult, invalid_key, read_records, record_key, resolve_sources, scan_sources
 from imatdata.fetch.store import LOCK_NAME, Journal, Sealer, contains, done_so_far, new_run_id, settle
 from imatdata.manifest import resolve_root
-from imatdata.options import available_cpus
+from imatdata.procs import available_cpus, safe_path_children
 from imatdata.storage import RunLock
 
 OnTick = Callable[[Counters], None]

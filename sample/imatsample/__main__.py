@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-from imatdata.manifest import write_bytes_atomic
+from imatdata.storage import write_bytes_atomic
 from imatsample.catalogue import big_catalogue, build_catalogue
 from imatsample.lists import write_lists
 from imatsample.server import SampleServer
