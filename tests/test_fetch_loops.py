@@ -152,3 +152,28 @@ def test_loops_share_the_memory_budget_and_large_bodies_still_pass(tmp_path: Pat
     result = bench.run_case(tmp_path, n=8, hosts=4, size=3 * bench.MIB, chunked=True,
                             extra=["--loops", "2", "--workers", "2", "--memory", "2MiB", "--timeout", "10"])
     assert result.records == 8 and result.statuses == {"not_image": 8}
+
+
+def test_loops_share_one_heavy_decode_slot(tmp_path: Path, monkeypatch) -> None:
+    """Each loop's image pool takes the heavy slot from the same lock file, so a run decodes
+    one large image at a time however many loops it has (imagepool: several pools given one
+    `heavy_lock` path exclude each other)."""
+    from imatdata.fetch import loops
+    from imatdata.fetch.config import FetchOptions
+
+    seen = []
+
+    def fake_parallel(run: loops.Run, n: int) -> dict[str, int]:
+        shares = [loops._loop_share(run, k, n) for k in range(n)]
+        seen.append((run.heavy_lock, [s.heavy_lock for s in shares], Path(run.heavy_lock).parent.is_dir()))
+        return {}
+
+    monkeypatch.setattr(loops, "_fetch_parallel", fake_parallel)
+    monkeypatch.setattr(loops, "_loop_count", lambda opts, total: 3)
+    opts = FetchOptions(["x.json"], root=tmp_path, loops=3, workers=3, quiet=True, stats=False)
+    scan = loops.ScanResult.__new__(loops.ScanResult)
+    scan.split_keys = {}
+    loops._fetch(loops.Run(opts, tmp_path, scan, done={}, total=10_000))
+    (lock, shared, existed), = seen
+    assert lock is not None and shared == [lock] * 3 and existed
+    assert not Path(lock).parent.exists()  # the lock's folder goes with the run

@@ -16,6 +16,7 @@ import importlib
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -63,6 +64,9 @@ class Run:
     run_id: str = field(default_factory=new_run_id)  # every journal file of this run starts with it
     part: tuple[int, int] = (0, 1)  # (k, n): this loop takes the records whose key is k mod n
     counters: Counters = field(default_factory=Counters)
+    # The file whose lock is the heavy-decode slot (imagepool): one for all the loops, so a
+    # run decodes at most one large image at a time however many loops and workers it has.
+    heavy_lock: str | None = None
 
     @property
     def workers(self) -> int:
@@ -203,7 +207,8 @@ async def _fetch_all(run: Run, on_tick: OnTick | None = None) -> dict[str, int]:
     _return_freed_bodies_to_os()
     opts = run.opts
     journal = run.journal()
-    pool = ImagePool(run.workers, opts.max_side, opts.max_pixels, opts.resize_filter, batch=opts.image_batch)
+    pool = ImagePool(run.workers, opts.max_side, opts.max_pixels, opts.resize_filter, batch=opts.image_batch,
+                     heavy_lock=run.heavy_lock)
     await pool.start()
     # A body counts against the budget from before its request until its row is built, so it
     # also bounds what the pool's queue, its sockets and the workers hold (their copies of a
@@ -430,7 +435,8 @@ def _fetch(run: Run) -> dict[str, int]:
     loops = _loop_count(run.opts, run.total)
     with Sealer(run.root, list(run.scan.split_keys), run.opts.shard_rows, run.opts.seal_seconds):
         if run.total > 0 and loops > 1:
-            return _fetch_parallel(run, loops)
+            with tempfile.TemporaryDirectory(prefix="imatdata-fetch-") as tmp:
+                return _fetch_parallel(replace(run, heavy_lock=str(Path(tmp) / "heavy-decode.lock")), loops)
         if run.total > 0:
             return asyncio.run(_fetch_all(run))
     return {}
