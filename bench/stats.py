@@ -6,7 +6,7 @@ images each, a small val and test split, a few hundred hosts with their own fail
 image column null (metadata only) — plus a clean stage and clean/dropped.parquet derived
 from it. Then times, in one run:
 
-  * `stats.compute` on the clean stage and on the raw stage (the figures only),
+  * `stats.compute_stats` on the clean stage and on the raw stage (the figures only),
   * `stats.write_stats` (figures + stats.json + csv + three PNGs),
   * a plain-Python baseline that computes only the class counts and per-host failure counts
     by looping over the same metadata rows (what the vectorised code replaces).
@@ -135,13 +135,13 @@ def main() -> None:
         print(f"imatdata stats benchmark: {args.rows:,} raw rows under {root}")
         sizes, _ = timed("generate raw + clean + dropped", generate, root, args.rows)
         print("  splits: " + ", ".join(f"{s} {n:,}" for s, n in sizes.items()))
-        clean, t_clean = timed("stats.compute (clean stage, fetch from raw)", stats.compute, root)
-        timed("stats.compute (raw stage)", stats.compute, root, "raw")
-        timed("stats.compute (clean, --tree packaged)", stats.compute, root, None, "packaged")
+        clean, t_clean = timed("stats.compute_stats (clean stage, fetch from raw)", stats.compute_stats, root)
+        timed("stats.compute_stats (raw stage)", stats.compute_stats, root, "raw")
+        timed("stats.compute_stats (clean, --tree packaged)", stats.compute_stats, root, None, "packaged")
         timed("stats.write_stats (figures, json, csv, PNGs)", stats.write_stats, root, None, Path("packaged"))
         if not args.no_baseline:
             (classes, records, failed), t_base = timed("plain-Python loop: class + host counts only", baseline, root)
-            raw = stats.compute(root, "raw").data
+            raw = stats.compute_stats(root, "raw").data
             top = raw["hosts"]["top"][0]
             assert failed[top["host"]] == top["failed"] and records[top["host"]] == top["records"]
             assert sum(classes.values()) == sum(raw["classes"]["per_split"][s]["images"] for s in ("train", "val"))

@@ -6,14 +6,21 @@ line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
+# The config modules are light (no aiohttp, Pillow, pyarrow or numpy): `imatdata --help`
+# builds every command's flags from them without loading the pipeline.
+from imatdata.clean.config import CleanConfig
 from imatdata.errors import user_errors as _user_errors
+from imatdata.fetch.config import FetchOptions, NetConfig
+from imatdata.options import command, parse_given, typer_parameters
+from imatdata.stats.config import StatsOptions
 
 app = typer.Typer(
     name="imatdata",
@@ -47,104 +54,65 @@ def run_command(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
-# Commands are registered by their modules' CLI sections below; each keeps its own flags.
-# fetch --------------------------------------------------------------------------------------
-@app.command()
-def fetch(
-    sources: list[str] = typer.Argument(..., help="URL lists: iMaterialist .json, .jsonl, .csv or .parquet "
-                                        "(columns id,url[,class]); the split is the file's stem."),
-    root: str = typer.Option(None, "--root", help="Manifest root (default: $IMAT_ROOT, else ./manifests)."),
-    split: str = typer.Option(None, "--split", help="Split name for all sources (default: each file's stem)."),
-    concurrency: int = typer.Option(256, "--concurrency", help="Requests in flight at most, all hosts together."),
-    per_host: int = typer.Option(16, "--per-host", help="Requests in flight at most per host."),
-    retries: int = typer.Option(3, "--retries", help="Extra attempts on timeouts, connection errors, 5xx, 408, 429."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Deadline in seconds for each whole attempt "
-                                  "(connect to last byte, redirects included)."),
-    max_bytes: str = typer.Option("20MiB", "--max-bytes", help="Largest body accepted, decoded (e.g. 20MiB, 512KB)."),
-    memory: str = typer.Option("128MiB", "--memory", help="Bytes of response bodies held at once, all loops "
-                               "together (downloading, queued for or in the image workers); with their copies "
-                               "the process tree stays near 4x this plus ~200MiB. A body over it still gets "
-                               "through, one at a time. Waiting for it does not count against --timeout."),
-    max_side: int = typer.Option(512, "--max-side", help="Shrink the longer side to this many pixels (0: keep size)."),
-    resize_filter: str = typer.Option("area", "--resize-filter", help="Downscaling filter: area, bilinear, "
-                                      "bicubic or lanczos (all antialiased; sharper and slower in that order)."),
-    limit: int = typer.Option(None, "--limit", help="Take only the first N records of each source."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-attempt rows whose failure was transient "
-                                      "(timeout, connection_error, HTTP 5xx/408/429)."),
-    prune: bool = typer.Option(False, "--prune", help="Delete stored rows (images included) of records these "
-                               "lists do not hold, e.g. after a smaller --limit; without it such a run stops "
-                               "(exit 2) before changing anything, saying what would go."),
-    allow_private: bool = typer.Option(False, "--allow-private", help="Allow loopback/private/link-local addresses."),
-    allow_net: list[str] = typer.Option(None, "--allow-net", help="Allow this otherwise refused network "
-                                        "(CIDR, repeatable), e.g. 127.0.0.0/8."),
-    insecure: bool = typer.Option(False, "--insecure", help="Do not verify HTTPS certificates."),
-    ignore_optout: bool = typer.Option(False, "--ignore-optout", help="Fetch images whose X-Robots-Tag says "
-                                       "noai/noimageai/noindex/noimageindex."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Record bad input records as status=invalid "
-                                      "instead of stopping."),
-    user_agent: str = typer.Option(None, "--user-agent", help="User-Agent header (its first token is the name "
-                                   "X-Robots-Tag rules are matched against)."),
-    workers: int = typer.Option(None, "--workers", help="Processes for image decoding (default: all cores)."),
-    loops: int = typer.Option(None, "--loops", help="Network event loops, one process each, sharing out "
-                              "the records and caps (default: 1 up to 4 cores, then one per 4 cores)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no summary table."),
-) -> None:
-    """Download URL lists into raw Parquet shards (<root>/raw/<split>/), one row per record, resumable."""
+# Every command's flags come from its config dataclasses (`opt()` fields) through
+# `imatdata.options`: the name, help and default are written once, on the field. Typed flags
+# arrive as text (None: not typed) and are parsed inside `user_errors`, so a bad value is one
+# line and exit 2. Only what no config holds is written here: the sources, --root, and how a
+# command shows its result.
 
+
+def _param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=default)
+
+
+def _root_param() -> inspect.Parameter:
+    return _param("root", Optional[str], typer.Option(
+        None, "--root", help="Manifest root (default: $IMAT_ROOT, else ./manifests)."))
+
+
+# fetch --------------------------------------------------------------------------------------
+
+
+def fetch_command(*, sources: list[str], root: str | None, **given: Any) -> None:
     def _run() -> None:
         from rich.console import Console
 
         from imatdata import fetch as fetch_mod
-        from imatdata.fetch.config import DEFAULT_USER_AGENT, NetConfig
 
-        net = NetConfig(concurrency=concurrency, per_host=per_host, retries=retries, timeout=timeout,
-                        max_bytes=fetch_mod.parse_size(max_bytes), memory=fetch_mod.parse_size(memory, "--memory"),
-                        allow_private=allow_private,
-                        allow_nets=tuple(allow_net or ()), insecure=insecure, ignore_optout=ignore_optout,
-                        user_agent=user_agent or DEFAULT_USER_AGENT)
-        opts = fetch_mod.FetchOptions(sources=sources, root=root, split=split, net=net, max_side=max_side,
-                                      resize_filter=resize_filter, limit=limit, retry_failed=retry_failed,
-                                      prune=prune, skip_invalid=skip_invalid,
-                                      quiet=quiet, workers=workers, loops=loops)
+        net = NetConfig(**parse_given(NetConfig, given))
+        opts = FetchOptions(sources=sources, root=root, net=net, **parse_given(FetchOptions, given))
         summary = fetch_mod.run_fetch(opts)
-        if not quiet:
+        if not opts.quiet:
             fetch_mod.render_summary(summary, Console())
 
     run_command(_run)
 
 
+_FETCH_PARAMS = typer_parameters(FetchOptions)
+app.command("fetch")(command(fetch_command, [
+    _param("sources", list[str], typer.Argument(
+        ..., help="URL lists: iMaterialist .json, .jsonl, .csv or .parquet (columns id,url[,class]); "
+                  "the split is the file's stem.")),
+    _root_param(),
+    # Where the rows go, then the network, then the rest of the run (as SPEC.md lists them).
+    *[p for p in _FETCH_PARAMS if p.name == "split"],
+    *typer_parameters(NetConfig),
+    *[p for p in _FETCH_PARAMS if p.name != "split"],
+], "Download URL lists into raw Parquet shards (<root>/raw/<split>/), one row per record, resumable."))
+
+
 # clean --------------------------------------------------------------------------------------
 
 
-@app.command()
-def clean(
-    root: str = typer.Option(None, "--root", help="Manifest root (default: $IMAT_ROOT, else ./manifests)."),
-    min_size: int = typer.Option(64, "--min-size", help="Drop images whose shorter original side is below this."),
-    max_aspect: float = typer.Option(0.0, "--max-aspect", help="Drop images whose long/short side ratio exceeds "
-                                     "this (0: off)."),
-    dedup: str = typer.Option("near", "--dedup", help="near (exact + perceptual-hash duplicates), exact "
-                              "(identical bytes as served) or off (no duplicate, placeholder, leak or "
-                              "label-conflict checks)."),
-    hash_distance: int = typer.Option(4, "--hash-distance", help="Near duplicates: phash Hamming distance "
-                                      "at most this many bits."),
-    placeholder_min_urls: int = typer.Option(10, "--placeholder-min-urls", help="A duplicate group with at "
-                                             "least this many URLs..."),
-    placeholder_min_classes: int = typer.Option(3, "--placeholder-min-classes", help="...over at least this "
-                                                "many classes is a placeholder: all of it is dropped."),
-    workers: int = typer.Option(None, "--workers", help="Hashing processes (default: all cores)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar and no table."),
-) -> None:
-    """Drop broken, undersized, duplicate, placeholder and leaked images: raw/ -> clean/ + dropped.parquet."""
-
+def clean_command(*, root: str | None, quiet: bool, **given: Any) -> None:
     def _run() -> None:
         from rich.console import Console
 
         from imatdata import clean as clean_mod
         from imatdata.manifest import resolve_root
 
-        config = clean_mod.CleanConfig(min_size=min_size, max_aspect=max_aspect, dedup=dedup,
-                                       hash_distance=hash_distance, placeholder_min_urls=placeholder_min_urls,
-                                       placeholder_min_classes=placeholder_min_classes, workers=workers)
+        config = CleanConfig(**parse_given(CleanConfig, given))
         where = resolve_root(root)  # before the progress bar: a bad root is one line and nothing else
         if quiet:
             clean_mod.clean(where, config)
@@ -158,23 +126,19 @@ def clean(
         _run()
 
 
+app.command("clean")(command(clean_command, [
+    _root_param(),
+    *typer_parameters(CleanConfig),
+    # How clean shows its progress, not one of its knobs: not a CleanConfig field.
+    _param("quiet", bool, typer.Option(False, "--quiet", help="No progress bar and no table.")),
+], "Drop broken, undersized, duplicate, placeholder and leaked images: raw/ -> clean/ + dropped.parquet."))
+
+
 # stats --------------------------------------------------------------------------------------
 
 
-@app.command()
-def stats(
-    root: str = typer.Option(None, "--root", help="Manifest root (default: $IMAT_ROOT, else ./manifests)."),
-    stage: str = typer.Option(None, "--stage", help="raw or clean (default: clean when clean/ has shards, else raw)."),
-    tree: str = typer.Option(None, "--tree", help="Product tree JSON (level1 → level2 → level3 → class ids) "
-                             "for per-level figures; 'packaged' uses the tree shipped with imatdata."),
-    as_json: bool = typer.Option(False, "--json", help="Print stats.json to stdout instead of tables."),
-    min_count: int = typer.Option(20, "--min-count", help="Classes with fewer usable images are counted as rare."),
-    top: int = typer.Option(10, "--top", help="How many most and least frequent classes to list."),
-    top_hosts: int = typer.Option(20, "--top-hosts", help="How many hosts to list, worst failure rate first."),
-    host_min_records: int = typer.Option(1, "--host-min-records",
-                                         help="Rank only hosts with at least this many rows."),
-) -> None:
-    """Describe a manifest root: per split, per class, per tree level and per host; writes stats/."""
+def stats_command(*, root: str | None, stage: str | None, tree: str | None, as_json: bool,
+                  **given: Any) -> None:
     from pathlib import Path
 
     from imatdata.manifest import resolve_root
@@ -182,8 +146,7 @@ def stats(
     def _run() -> None:
         from imatdata import stats as stats_mod
 
-        options = stats_mod.StatsOptions(min_count=min_count, top=top, top_hosts=top_hosts,
-                                         host_min_records=host_min_records)
+        options = StatsOptions(**parse_given(StatsOptions, given))
         data = stats_mod.write_stats(resolve_root(root), stage, Path(tree) if tree else None,
                                      quiet=as_json, options=options)
         if as_json:
@@ -191,6 +154,18 @@ def stats(
 
     with user_errors(STATS_HINT):
         _run()
+
+
+app.command("stats")(command(stats_command, [
+    _root_param(),
+    _param("stage", Optional[str], typer.Option(
+        None, "--stage", help="raw or clean (default: clean when clean/ has shards, else raw).")),
+    _param("tree", Optional[str], typer.Option(
+        None, "--tree", help="Product tree JSON (level1 → level2 → level3 → class ids) for per-level "
+                             "figures; 'packaged' uses the tree shipped with imatdata.")),
+    _param("as_json", bool, typer.Option(False, "--json", help="Print stats.json to stdout instead of tables.")),
+    *typer_parameters(StatsOptions),
+], "Describe a manifest root: per split, per class, per tree level and per host; writes stats/."))
 
 
 def main() -> None:

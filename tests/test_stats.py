@@ -174,7 +174,7 @@ def test_split_figures_clean_stage(dataset: dict, clean_result: dict) -> None:
 
 
 def test_split_figures_raw_stage(dataset: dict) -> None:
-    data = stats.compute(dataset["root"], "raw").data
+    data = stats.compute_stats(dataset["root"], "raw").data
     assert data["stage"] == "raw"
     for split, rows in dataset["raw"].items():
         got = data["splits"][split]
@@ -277,7 +277,7 @@ def test_hosts_from_clean_and_dropped_without_raw(dataset: dict, tmp_path: Path)
                 (target / shard.name).write_bytes(shard.read_bytes())
         else:
             target.write_bytes(item.read_bytes())
-    data = stats.compute(root).data
+    data = stats.compute_stats(root).data
     assert data["stage"] == "clean" and data["fetch_source"] == "clean"
     failed: Counter = Counter()
     for d in dataset["dropped"]:
@@ -290,7 +290,7 @@ def test_hosts_from_clean_and_dropped_without_raw(dataset: dict, tmp_path: Path)
                                                      for d in dataset["dropped"])}
     # Without dropped.parquet nothing is known to be dropped: records are the kept rows.
     (root / "clean" / "dropped.parquet").unlink()
-    train = stats.compute(root).data["splits"]["train"]
+    train = stats.compute_stats(root).data["splits"]["train"]
     assert train["drops"] == {} and train["dropped"] == 0 and train["records"] == train["rows"]
 
 
@@ -414,4 +414,4 @@ def test_schema_mismatch_is_a_user_error(tmp_path: Path) -> None:
     (root / "raw" / "train").mkdir(parents=True)
     write_table_atomic(pa.table({"id": ["a"], "something": [1]}), root / "raw" / "train" / "part-00000.parquet")
     with pytest.raises(UserError, match="cannot read"):
-        stats.compute(root)
+        stats.compute_stats(root)

@@ -1,7 +1,9 @@
 """The knobs of `imatdata clean`.
 
-Kept free of image and Parquet imports (no PIL, pyarrow, imagehash): the CLI reads this
-module to build its flags, and `imatdata --help` should not pay for the pipeline.
+A field declared with `opt(default, help)` is a flag (the CLI generates it through
+`imatdata.options`); a plain field is an internal knob. Kept free of image and Parquet
+imports (no PIL, pyarrow, imagehash): the CLI reads this module to build its flags, and
+`imatdata --help` should not pay for the pipeline.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imatdata.errors import UserError
+from imatdata.options import opt
 from imatdata.procs import available_cpus
 
 DEDUP_MODES = ("near", "exact", "off")
@@ -20,13 +23,17 @@ MAX_HASH_DISTANCE = 32
 class CleanConfig:
     """The knobs of `imatdata clean`; defaults are SPEC.md's."""
 
-    min_size: int = 64
-    max_aspect: float = 0.0
-    dedup: str = "near"
-    hash_distance: int = 4
-    placeholder_min_urls: int = 10
-    placeholder_min_classes: int = 3
-    workers: int | None = None  # None: every core this process may use; 1: hash in this process
+    min_size: int = opt(64, "Drop images whose shorter original side is below this.")
+    max_aspect: float = opt(0.0, "Drop images whose long/short side ratio exceeds this (0: off).")
+    dedup: str = opt("near", "near (exact + perceptual-hash duplicates), exact (identical bytes as "
+                             "served) or off (no duplicate, placeholder, leak or label-conflict "
+                             "checks).", metavar="|".join(DEDUP_MODES).upper())
+    hash_distance: int = opt(4, "Near duplicates: phash Hamming distance at most this many bits.")
+    placeholder_min_urls: int = opt(10, "A duplicate group with at least this many URLs...")
+    placeholder_min_classes: int = opt(3, "...over at least this many classes is a placeholder: "
+                                          "all of it is dropped.")
+    # None: every core this process may use; 1: hash in this process.
+    workers: int | None = opt(None, "Hashing processes (default: all cores).")
     batch_rows: int = 256  # rows per hashing task (bytes of ~256 images in flight per worker)
     # Spawned workers behave the same on Linux, macOS and Windows, and a fork beside the
     # progress bar's refresh thread could inherit a held lock; start-up costs ~1 s, once.

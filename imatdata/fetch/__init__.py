@@ -24,7 +24,7 @@ not hold (another list under the same split, a smaller --limit) would go, so the
 before touching anything unless `--prune` says to delete them.
 
 The modules, in the order of a run:
-  config     FetchOptions, NetConfig, parse_size: what a run is told (standard library only)
+  config     FetchOptions, NetConfig, parse_size: what a run is told (light: their fields are the flags)
   sources    input lists: formats, validation, record keys
   download   the network (aiohttp): caps, retries, address checks, the body budget
   images     image work as pure functions over bytes (Pillow)

@@ -1,9 +1,12 @@
 """What one `imatdata fetch` run is told: `FetchOptions` and its network half, `NetConfig`.
 
-Plain dataclasses with their defaults and checks, and the flag-value parser `parse_size`.
-This module imports only the standard library and `imatdata.errors`: the CLI builds its
-flags from it, and the image workers (`images`) take their defaults from it, so neither
-pays for aiohttp, Pillow or pyarrow.
+Dataclasses with their defaults and checks, and the flag-value parser `parse_size`. A field
+declared with `opt(default, help)` is an `imatdata fetch` flag (the CLI generates it through
+`imatdata.options`); a plain field is an internal knob that tests shrink.
+This module imports only the standard library, `imatdata.errors` and `imatdata.options`
+(which loads typer only when the CLI asks it for parameters): the CLI builds its flags from
+it, and the image workers (`images`) take their defaults from it, so neither pays for
+aiohttp, Pillow or pyarrow.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from imatdata import __version__
 from imatdata.errors import UserError
+from imatdata.options import opt
 
 DEFAULT_USER_AGENT = f"imat/{__version__} (+image dataset downloader; honours X-Robots-Tag noai)"
 MIB = 1024 * 1024
@@ -39,21 +43,46 @@ RESIZE_FILTER_NAMES = ("area", "bilinear", "bicubic", "lanczos")
 DEFAULT_RESIZE_FILTER = "area"
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(text: str | int, flag: str = "--max-bytes") -> int:
+    """'20MiB', '512KB', '1.5GB', '1048576' -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise UserError(f"{flag} {text!r}: use a number of bytes with an optional unit, e.g. 20MiB, 512KB, 1000000")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_memory(text: str | int) -> int:
+    return parse_size(text, "--memory")
+
+
 @dataclass(frozen=True)
 class NetConfig:
     """Network settings of one fetch run (the CLI flags, plus internal knobs tests shrink)."""
 
-    concurrency: int = 256
-    per_host: int = 16
-    retries: int = 3
-    timeout: float = 30.0
-    max_bytes: int = 20 * 1024 * 1024
+    concurrency: int = opt(256, "Requests in flight at most, all hosts together.")
+    per_host: int = opt(16, "Requests in flight at most per host.")
+    retries: int = opt(3, "Extra attempts on timeouts, connection errors, 5xx, 408, 429.")
+    timeout: float = opt(30.0, "Deadline in seconds for each whole attempt (connect to last byte, "
+                               "redirects included).")
+    max_bytes: int = opt(20 * MIB, "Largest body accepted, decoded (e.g. 20MiB, 512KB).",
+                         parse=parse_size, metavar="SIZE")
     max_redirects: int = 10
-    allow_private: bool = False
-    allow_nets: tuple[str, ...] = ()
-    insecure: bool = False
-    ignore_optout: bool = False
-    user_agent: str = DEFAULT_USER_AGENT
+    allow_private: bool = opt(False, "Allow loopback/private/link-local addresses.", negatable=False)
+    allow_nets: tuple[str, ...] = opt((), "Allow this otherwise refused network (CIDR, repeatable), "
+                                          "e.g. 127.0.0.0/8.", flag="allow-net")
+    insecure: bool = opt(False, "Do not verify HTTPS certificates.", negatable=False)
+    ignore_optout: bool = opt(False, "Fetch images whose X-Robots-Tag says "
+                                     "noai/noimageai/noindex/noimageindex.", negatable=False)
+    # None (or empty): DEFAULT_USER_AGENT, filled in by __post_init__.
+    user_agent: str | None = opt(None, "User-Agent header (its first token is the name X-Robots-Tag "
+                                       "rules are matched against).")
     # Backoff between attempts of one row: full jitter over base * 2**n, at most cap.
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
@@ -66,11 +95,17 @@ class NetConfig:
     host_pause_cap: float = 120.0
     host_max_pauses: int = 6
     dns_ttl: int = 300
-    # Bytes of response bodies a fetch may hold at once (`--memory`); fetch gives each loop
-    # its share as a `ByteBudget`. A Fetcher without a budget does not count.
-    memory: int = DEFAULT_MEMORY
+    # Fetch gives each loop its share of --memory as a `ByteBudget`. A Fetcher without a
+    # budget does not count.
+    memory: int = opt(DEFAULT_MEMORY, "Bytes of response bodies held at once, all loops together "
+                      "(downloading, queued for or in the image workers); with their copies the "
+                      "process tree stays near 4x this plus ~200MiB. A body over it still gets "
+                      "through, one at a time. Waiting for it does not count against --timeout.",
+                      parse=parse_memory, metavar="SIZE")
 
     def __post_init__(self) -> None:
+        if not self.user_agent:
+            object.__setattr__(self, "user_agent", DEFAULT_USER_AGENT)
         if self.concurrency < 1:
             raise UserError("--concurrency must be at least 1")
         if self.per_host < 1:
@@ -91,7 +126,8 @@ class NetConfig:
     @property
     def ua_token(self) -> str:
         """The product token robots rules name us by: 'imat' for 'imat/0.1 (...)'."""
-        token = self.user_agent.strip().split("/")[0].split()[0] if self.user_agent.strip() else "imat"
+        agent = (self.user_agent or "").strip()
+        token = agent.split("/")[0].split()[0] if agent else "imat"
         return token.lower()
 
 
@@ -111,21 +147,28 @@ class FetchOptions:
 
     sources: Sequence[str | Path]
     root: Path | None = None
-    split: str | None = None
+    split: str | None = opt(None, "Split name for all sources (default: each file's stem).")
     net: NetConfig = field(default_factory=NetConfig)
-    max_side: int = 512
-    limit: int | None = None
-    retry_failed: bool = False
-    # Delete stored rows whose records this run's lists do not hold (else: refuse, exit 2).
-    prune: bool = False
-    skip_invalid: bool = False
-    quiet: bool = False
-    workers: int | None = None
-    # Network event loops, each a process with its own share of the records, caps and image
-    # workers (None: `loops.default_loops()`). One loop's own work caps it near 700 images/s.
-    loops: int | None = None
+    max_side: int = opt(512, "Shrink the longer side to this many pixels (0: keep size).")
+    limit: int | None = opt(None, "Take only the first N records of each source.")
+    retry_failed: bool = opt(False, "Re-attempt rows whose failure was transient (timeout, "
+                                    "connection_error, HTTP 5xx/408/429).", negatable=False)
+    prune: bool = opt(False, "Delete stored rows (images included) of records these lists do not "
+                             "hold, e.g. after a smaller --limit; without it such a run stops "
+                             "(exit 2) before changing anything, saying what would go.",
+                      negatable=False)
+    skip_invalid: bool = opt(False, "Record bad input records as status=invalid instead of "
+                                    "stopping.", negatable=False)
+    quiet: bool = opt(False, "No progress bar and no summary table.", negatable=False)
+    workers: int | None = opt(None, "Processes for image decoding (default: all cores).")
+    # Each loop is a process with its own share of the records, caps and image workers
+    # (None: `loops.default_loops()`). One loop's own work caps it near 700 images/s.
+    loops: int | None = opt(None, "Network event loops, one process each, sharing out the records "
+                                  "and caps (default: 1 up to 4 cores, then one per 4 cores).")
     max_pixels: int = DEFAULT_MAX_PIXELS
-    resize_filter: str = DEFAULT_RESIZE_FILTER
+    resize_filter: str = opt(DEFAULT_RESIZE_FILTER, "Downscaling filter: area, bilinear, bicubic or "
+                             "lanczos (all antialiased; sharper and slower in that order).",
+                             metavar="FILTER")
     journal_rows: int = 512
     journal_seconds: float = 1.0
     # Rows waiting for the journal hold their stored images: flush before they pass this
@@ -150,18 +193,3 @@ class FetchOptions:
             raise UserError("--workers must be at least 1")
         if self.loops is not None and self.loops < 1:
             raise UserError("--loops must be at least 1")
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
-               "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
-
-
-def parse_size(text: str | int, flag: str = "--max-bytes") -> int:
-    """'20MiB', '512KB', '1.5GB', '1048576' -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _SIZE_UNITS:
-        raise UserError(f"{flag} {text!r}: use a number of bytes with an optional unit, e.g. 20MiB, 512KB, 1000000")
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])

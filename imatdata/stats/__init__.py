@@ -54,22 +54,35 @@ then one column per labelled split: usable rows of that class; every class seen 
 its drops or the tree), ``class_counts.png``, ``image_sizes.png``, ``host_failures.png``.
 """
 
-from imatdata.stats.compute import (
-    NO_HOST,
-    PERCENTILES,
-    SIZE_COLUMNS,
-    STAGES,
-    StatsOptions,
-    StatsResult,
-    compute,
-    dumps,
-    order_splits,
-    resolve_stage,
-    write_outputs,
-    write_stats,
-)
-from imatdata.stats.render import render
+from __future__ import annotations
 
-__all__ = ["NO_HOST", "PERCENTILES", "SIZE_COLUMNS", "STAGES", "StatsOptions", "StatsResult",
-           "compute", "dumps", "order_splits", "render", "resolve_stage", "write_outputs",
-           "write_stats"]
+import importlib
+from typing import Any
+
+from imatdata.stats.config import StatsOptions
+
+# Everything else loads on first use (PEP 562): the CLI imports this package for
+# StatsOptions on every start, and `compute` would add numpy and pyarrow to it.
+# Public name -> the module of this package that defines it.
+_EXPORTS = {
+    "NO_HOST": "compute", "PERCENTILES": "compute", "SIZE_COLUMNS": "compute", "STAGES": "compute",
+    "StatsResult": "compute", "compute_stats": "compute", "dumps": "compute",
+    "resolve_stage": "compute", "write_outputs": "compute", "write_stats": "compute",
+    "render_stats": "render",
+}
+
+__all__ = ["StatsOptions", "NO_HOST", "PERCENTILES", "SIZE_COLUMNS", "STAGES", "StatsResult", "compute_stats",
+           "dumps", "render_stats", "resolve_stage", "write_outputs", "write_stats"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

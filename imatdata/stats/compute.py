@@ -27,15 +27,12 @@ from imatdata.manifest import (
     order_splits,
     read_table,
 )
+from imatdata.stats.config import StatsOptions
 from imatdata.storage import write_bytes_atomic
 from imatdata.tree import ProductTree
 
 STAGES = ("raw", "clean")
 STATS_DIR = "stats"
-DEFAULT_MIN_COUNT = 20
-DEFAULT_TOP = 10
-DEFAULT_TOP_HOSTS = 20
-DEFAULT_HOST_MIN_RECORDS = 1
 PERCENTILES = (("min", 0), ("p5", 5), ("p25", 25), ("p50", 50), ("p75", 75), ("p95", 95), ("max", 100))
 SIZE_COLUMNS = ("width", "height", "orig_width", "orig_height", "orig_bytes")
 FETCH_FAILED = "fetch_failed"
@@ -43,19 +40,6 @@ FETCH_FAILED = "fetch_failed"
 # plain pattern like this several times faster than one that also splits the authority.
 _AUTHORITY_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?P<authority>[^/?#]*)"
 NO_HOST = "(no host)"
-
-
-@dataclass(frozen=True)
-class StatsOptions:
-    min_count: int = DEFAULT_MIN_COUNT
-    top: int = DEFAULT_TOP
-    top_hosts: int = DEFAULT_TOP_HOSTS
-    host_min_records: int = DEFAULT_HOST_MIN_RECORDS
-
-    def __post_init__(self) -> None:
-        for name in ("min_count", "top", "top_hosts", "host_min_records"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be zero or more")
 
 
 @dataclass
@@ -82,18 +66,18 @@ def write_stats(root: Path, stage: str | None = None, tree: Path | None = None, 
     `tree` is a product-tree JSON file, the word "packaged", or None for no hierarchy.
     """
     root = Path(root)
-    result = compute(root, stage, tree, options=options)
+    result = compute_stats(root, stage, tree, options=options)
     write_outputs(result, root)
     if not quiet:
         from rich.console import Console
 
-        from imatdata.stats.render import render
+        from imatdata.stats.render import render_stats
 
-        render(result.data, console or Console())
+        render_stats(result.data, console or Console())
     return result.data
 
 
-def compute(root: Path, stage: str | None = None, tree: Path | str | ProductTree | None = None, *,
+def compute_stats(root: Path, stage: str | None = None, tree: Path | str | ProductTree | None = None, *,
             options: StatsOptions | None = None) -> StatsResult:
     """All figures of stats.json, from metadata columns only. Writes nothing."""
     opts = options or StatsOptions()

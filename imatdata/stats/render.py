@@ -10,7 +10,7 @@ from imatdata.stats.compute import STATS_DIR, _ranked
 from imatdata.terminal import table
 
 
-def render(data: dict[str, Any], console: Any) -> None:
+def render_stats(data: dict[str, Any], console: Any) -> None:
     """Rich tables of a stats.json dict."""
     splits = data["splits"]
     names = list(splits)
