@@ -49,13 +49,13 @@ perceptual hash, in a process pool), `dedup` (the near-duplicate index), `resolv
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from imatdata.clean.config import DEDUP_MODES, CleanConfig
 from imatdata.errors import UserError
+from imatdata.lazy import exports
 
 if TYPE_CHECKING:
     from imatdata.clean import resolve
@@ -68,38 +68,25 @@ if TYPE_CHECKING:
 
 # The pipeline's modules load on first use (PEP 562): importing `imatdata.clean.config`, as
 # the CLI does for the flags of every command, runs this file, and they would add ~0.5 s of
-# numpy, pyarrow, PIL and imagehash to each start. name -> (module, attribute or None).
+# numpy, pyarrow, PIL and imagehash to each start.
 # The pipeline reads these names from this module's namespace, so a test may replace
 # `_pass1` (to pause a run holding the lock) or `write_table_atomic` (to fail a write).
-_LAZY: dict[str, tuple[str, str | None]] = {
-    "resolve": ("imatdata.clean.resolve", None),
-    "_pass1": ("imatdata.clean.checks", "check_rows"),
-    "_recover": ("imatdata.clean.resolve", "recover"),
-    "hash_batch": ("imatdata.clean.checks", "hash_batch"),
-    "image_phash": ("imatdata.clean.checks", "image_phash"),
-    "phash_int64": ("imatdata.clean.checks", "phash_int64"),
-    "CleanResult": ("imatdata.clean.report", "CleanResult"),
-    "RichProgress": ("imatdata.clean.report", "RichProgress"),
-    "SplitReport": ("imatdata.clean.report", "SplitReport"),
-    "render_report": ("imatdata.clean.report", "render_report"),
-    "list_splits": ("imatdata.manifest", "list_splits"),
-    "write_table_atomic": ("imatdata.manifest", "write_table_atomic"),
-    "RunLock": ("imatdata.storage", "RunLock"),
+_LAZY = {
+    "resolve": "imatdata.clean.resolve",
+    "_pass1": "imatdata.clean.checks:check_rows",
+    "_recover": "imatdata.clean.resolve:recover",
+    "hash_batch": "imatdata.clean.checks:hash_batch",
+    "image_phash": "imatdata.clean.checks:image_phash",
+    "phash_int64": "imatdata.clean.checks:phash_int64",
+    "CleanResult": "imatdata.clean.report:CleanResult",
+    "RichProgress": "imatdata.clean.report:RichProgress",
+    "SplitReport": "imatdata.clean.report:SplitReport",
+    "render_report": "imatdata.clean.report:render_report",
+    "list_splits": "imatdata.manifest:list_splits",
+    "write_table_atomic": "imatdata.manifest:write_table_atomic",
+    "RunLock": "imatdata.storage:RunLock",
 }
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module_name, attr = _LAZY[name]
-    module = importlib.import_module(module_name)
-    value = module if attr is None else getattr(module, attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = exports(globals(), _LAZY)
 
 
 def _load() -> None:

@@ -40,30 +40,32 @@ below are imported from their modules on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from imatdata.lazy import exports
 
-# Public name -> the module of this package that defines it.
+# Public name -> where it is defined, imported on first use.
 _EXPORTS = {
-    "FetchOptions": "config", "NetConfig": "config", "parse_size": "config",
-    "run_fetch": "loops", "default_loops": "loops", "base_row": "loops", "_preload": "loops",
-    "FetchSummary": "report", "Counters": "report", "render_summary": "report", "SUMMARY_NAME": "report",
-    "JOURNAL_DIR": "store", "LOCK_NAME": "store", "is_transient": "store", "journal_dir": "store",
-    "journal_files": "store", "seal_journal": "store", "finalize_split": "store", "index_store": "store",
-    "done_keys": "store", "_write_journal_file": "store",
+    "FetchOptions": "imatdata.fetch.config:FetchOptions",
+    "NetConfig": "imatdata.fetch.config:NetConfig",
+    "parse_size": "imatdata.fetch.config:parse_size",
+    "run_fetch": "imatdata.fetch.loops:run_fetch",
+    "default_loops": "imatdata.fetch.loops:default_loops",
+    "base_row": "imatdata.fetch.loops:base_row",
+    "_preload": "imatdata.fetch.loops:_preload",
+    "FetchSummary": "imatdata.fetch.report:FetchSummary",
+    "Counters": "imatdata.fetch.report:Counters",
+    "render_summary": "imatdata.fetch.report:render_summary",
+    "SUMMARY_NAME": "imatdata.fetch.report:SUMMARY_NAME",
+    "JOURNAL_DIR": "imatdata.fetch.store:JOURNAL_DIR",
+    "LOCK_NAME": "imatdata.fetch.store:LOCK_NAME",
+    "is_transient": "imatdata.fetch.store:is_transient",
+    "journal_dir": "imatdata.fetch.store:journal_dir",
+    "journal_files": "imatdata.fetch.store:journal_files",
+    "seal_journal": "imatdata.fetch.store:seal_journal",
+    "finalize_split": "imatdata.fetch.store:finalize_split",
+    "index_store": "imatdata.fetch.store:index_store",
+    "done_keys": "imatdata.fetch.store:done_keys",
+    "_write_journal_file": "imatdata.fetch.store:_write_journal_file",
 }
 
 __all__ = [name for name in _EXPORTS if not name.startswith("_")]
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = exports(globals(), _EXPORTS)

@@ -56,33 +56,22 @@ its drops or the tree), ``class_counts.png``, ``image_sizes.png``, ``host_failur
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from imatdata.lazy import exports
 from imatdata.stats.config import StatsOptions
 
-# Everything else loads on first use (PEP 562): the CLI imports this package for
-# StatsOptions on every start, and `compute` would add numpy and pyarrow to it.
-# Public name -> the module of this package that defines it.
+# Everything else loads on first use: the CLI imports this package for StatsOptions on
+# every start, and `compute` would add numpy and pyarrow to it.
 _EXPORTS = {
-    "NO_HOST": "compute", "PERCENTILES": "compute", "SIZE_COLUMNS": "compute", "STAGES": "compute",
-    "StatsResult": "compute", "compute_stats": "compute", "dumps": "compute",
-    "resolve_stage": "compute", "write_outputs": "compute", "write_stats": "compute",
-    "render_stats": "render",
+    "NO_HOST": "imatdata.stats.compute:NO_HOST", "PERCENTILES": "imatdata.stats.compute:PERCENTILES",
+    "SIZE_COLUMNS": "imatdata.stats.compute:SIZE_COLUMNS", "STAGES": "imatdata.stats.compute:STAGES",
+    "StatsResult": "imatdata.stats.compute:StatsResult",
+    "compute_stats": "imatdata.stats.compute:compute_stats", "dumps": "imatdata.stats.compute:dumps",
+    "resolve_stage": "imatdata.stats.compute:resolve_stage",
+    "write_outputs": "imatdata.stats.compute:write_outputs",
+    "write_stats": "imatdata.stats.compute:write_stats",
+    "render_stats": "imatdata.stats.render:render_stats",
 }
 
 __all__ = ["StatsOptions", "NO_HOST", "PERCENTILES", "SIZE_COLUMNS", "STAGES", "StatsResult", "compute_stats",
            "dumps", "render_stats", "resolve_stage", "write_outputs", "write_stats"]
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = exports(globals(), _EXPORTS)
