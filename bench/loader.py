@@ -25,7 +25,6 @@ import io
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from imatdata.manifest import CLEAN_SCHEMA, ShardWriter
 from imatsample import photo_corpus
+from imatsample.shards import jpeg, manifest_row, write_shards
 from imattrain.config import TrainConfig
 from imattrain.data import ShardStream, build_loader
 from imattrain.transforms import BasicAugment, build_train_transform
@@ -47,9 +46,7 @@ def _stored(original: bytes, max_side: int = 512) -> bytes:
     """What `imatdata fetch --max-side 512` keeps: longer side <= 512, JPEG q90."""
     img = Image.open(io.BytesIO(original)).convert("RGB")
     img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    img.save(out, format="JPEG", quality=90)
-    return out.getvalue()
+    return jpeg(img, quality=90)
 
 
 def make_sources(n: int, root: Path) -> tuple[Path, Path, Path]:
@@ -59,23 +56,16 @@ def make_sources(n: int, root: Path) -> tuple[Path, Path, Path]:
     pool = min(n, 48)
     stored_pool = [_stored(served[i]) for i in range(pool)]
     shards, same, originals = root / "clean", root / "folders-512", root / "folders-served"
-    now = datetime.now(timezone.utc)
-    with ShardWriter(shards / "train", schema=CLEAN_SCHEMA, row_group_rows=256) as writer:
-        batch = []
-        for i in range(n):
-            body = stored_pool[i % pool]
-            label = i % CLASSES
-            batch.append({"id": f"{i:07d}.jpg", "split": "train", "label": label,
-                          "status": "ok", "image": body, "image_format": "jpeg",
-                          "fetched_at": now})
-            for folder, data in ((same, body), (originals, served[i])):
-                target = folder / f"class{label:02d}" / f"{i:07d}.jpg"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-            if len(batch) == 256:
-                writer.write_rows(batch)
-                batch = []
-        writer.write_rows(batch)
+    write_shards(shards / "train", (manifest_row(f"{i:07d}.jpg", "train", i % CLASSES,
+                                                 stored_pool[i % pool]) for i in range(n)),
+                 row_group_rows=256)
+    # The baselines read plain files, as ImageFolder users keep them.
+    for i in range(n):
+        label = i % CLASSES
+        for folder, data in ((same, stored_pool[i % pool]), (originals, served[i])):
+            target = folder / f"class{label:02d}" / f"{i:07d}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
     return shards, same, originals
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from imatdata import storage
 from imatdata.errors import UserError
-from imatdata.storage import write_bytes_atomic
 from imattrain import distributed as D
 from imattrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from imattrain.config import TrainConfig, to_toml
@@ -242,30 +242,33 @@ class _Trainer:
     def _write_start_files(self, resumed_epoch: int | None) -> None:
         if not self.world.is_main:
             return
-        self.paths.checkpoints.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(to_toml(self.cfg).encode(), self.paths.config)
+        storage.make_dirs(self.paths.checkpoints)
+        storage.write_bytes_atomic(to_toml(self.cfg).encode(), self.paths.config)
         if resumed_epoch is None:
-            write_bytes_atomic(b"", self.paths.metrics)
             self.history = []
-            return
-        # Drop lines of epochs the resumed run will write again.
-        lines = []
-        if self.paths.metrics.exists():
-            for text in self.paths.metrics.read_text().splitlines():
-                try:
-                    lines.append(json.loads(text))
-                except json.JSONDecodeError:
-                    continue  # a line cut short by the kill; that epoch is rewritten anyway
-        self.history = [m for m in lines if m["epoch"] <= resumed_epoch]
+        else:
+            # Drop lines of epochs the resumed run will write again.
+            lines = []
+            if storage.exists(self.paths.metrics):
+                for text in storage.read_bytes(self.paths.metrics).decode("utf-8").splitlines():
+                    try:
+                        lines.append(json.loads(text))
+                    except json.JSONDecodeError:
+                        continue  # a line cut short (older runs appended); that epoch is rewritten anyway
+            self.history = [m for m in lines if m["epoch"] <= resumed_epoch]
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        # The whole file, rewritten atomically, rather than appended to: an object store has no
+        # append, and at one line per epoch the file stays a few kilobytes.
         text = "".join(json.dumps(m) + "\n" for m in self.history)
-        write_bytes_atomic(text.encode(), self.paths.metrics)
+        storage.write_bytes_atomic(text.encode("utf-8"), self.paths.metrics)
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if not self.world.is_main:
             return
-        with open(self.paths.metrics, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self._write_metrics()
         write_curves(self.history, self.paths.curves)
 
     # the loop
@@ -274,11 +277,11 @@ class _Trainer:
         cfg = self.cfg
         start_epoch, start_samples, stats = 0, 0, EpochStats()
         if cfg.resume:
-            if not self.paths.last.is_file():
+            if not storage.is_file(self.paths.last):
                 raise UserError(f"--resume: no checkpoint at {self.paths.last}")
             start_epoch, start_samples, stats = self._resume()
             self.say(f"resuming {self.paths.out} at epoch {start_epoch + 1}, step {self.step}")
-        elif self.paths.last.exists():
+        elif storage.exists(self.paths.last):
             raise UserError(f"{self.paths.out} already holds a run: pass --resume to continue it "
                             f"or choose another --out")
         self._write_start_files(start_epoch if cfg.resume else None)
@@ -529,4 +532,4 @@ def write_curves(history: list[dict[str, Any]], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    write_bytes_atomic(buf.getvalue(), path)
+    storage.write_bytes_atomic(buf.getvalue(), path)

@@ -19,6 +19,7 @@ import torch
 import torchvision
 from torch import nn
 
+from imatdata import storage
 from imatdata.errors import UserError
 from imattrain.checkpoint import safe_load
 
@@ -138,7 +139,7 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(model: nn.Module, path: Path, say: Any) -> None:
-    if not path.is_file():
+    if not storage.is_file(path):
         raise UserError(f"--pretrained {path}: no such file (give a weights file or 'torchvision')")
     obj = safe_load(path, "--pretrained", "save the weights alone, as a state dict of tensors "
                     "(torch.save(model.state_dict(), PATH)), from a source you trust")

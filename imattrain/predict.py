@@ -23,6 +23,7 @@ the class prior. It is written atomically, as is the optional probabilities Parq
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
 import math
@@ -39,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imatdata import storage
 from imatdata.errors import UserError
 from imatdata.manifest import read_table, write_table_atomic
-from imatdata.storage import write_bytes_atomic
 from imattrain.config import DEFAULT_TAU_GRID, TTA_MODES, EvalConfig, InferConfig, PredictConfig
 from imattrain.runtime import autocast_dtype, resolve_device
 
@@ -190,7 +191,7 @@ def format_submission(ids: Sequence[str], top3: np.ndarray, labels: Sequence[int
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
+    if storage.exists(a) and storage.exists(b):
         try:
             return os.path.samefile(a, b)  # hard links and symlinks too
         except OSError:
@@ -218,9 +219,9 @@ def check_outputs(outputs: dict[str, Path | None], inputs: Sequence[Path], data_
         for other, path in seen.items():
             if _same_file(out, path):
                 raise UserError(f"{flag} and {other} are the same file {out}; give each its own")
-        if out.is_dir():
+        if storage.is_dir(out):
             raise UserError(f"{flag} {out} is a folder; give a file name")
-        if out.exists() and not force:
+        if storage.exists(out) and not force:
             raise UserError(f"{flag} {out} already exists; pass --force to replace it")
         seen[flag] = out
 
@@ -230,7 +231,7 @@ def write_submission(path: Path, ids: Sequence[str], top3: np.ndarray,
     if len(ids) != len(top3):
         raise ValueError("one prediction per id is needed")
     path = Path(path)
-    write_bytes_atomic(format_submission(ids, top3, labels).encode("utf-8"), path)
+    storage.write_bytes_atomic(format_submission(ids, top3, labels).encode("utf-8"), path)
     return path
 
 
@@ -276,7 +277,8 @@ def _natural_key(path: Path) -> list[Any]:
 def snapshot_paths(run_dir: Path) -> list[Path]:
     """The SGDR snapshots of one run (`RUN_DIR/checkpoints/snapshot*.pt`), in cycle order."""
     folder = Path(run_dir) / "checkpoints"
-    found = sorted(folder.glob("snapshot*.pt"), key=_natural_key) if folder.is_dir() else []
+    found = sorted((p for p in storage.children(folder) if fnmatch.fnmatch(p.name, "snapshot*.pt")),
+                   key=_natural_key)
     if not found:
         raise UserError(f"no SGDR snapshots in {folder}: train with --schedule sgdr, or pass "
                         "--checkpoint files instead")
@@ -293,7 +295,7 @@ def load_checkpoints(paths: Sequence[Path], device: torch.device, *, use_ema: bo
     loaded: list[LoadedCheckpoint] = []
     for path in paths:
         path = Path(path)
-        if not path.is_file():
+        if not storage.is_file(path):
             raise UserError(f"checkpoint {path} does not exist")
         model, ckpt = load_model(path, device, use_ema=use_ema)
         model.eval()
@@ -474,7 +476,7 @@ def evaluate_checkpoints(paths: Sequence[Path], data_dir: Path, cfg: EvalConfig)
     report = EvalReport(split=cfg.split, checkpoints=[str(p) for p in paths], tta=cfg.tta, tau=tau,
                         metrics=metrics, tau_search=search, unadjusted=base)
     if cfg.out is not None:
-        write_bytes_atomic((report.to_json(cfg.worst) + "\n").encode(), cfg.out)
+        storage.write_bytes_atomic((report.to_json(cfg.worst) + "\n").encode(), cfg.out)
     return report
 
 

@@ -78,11 +78,11 @@ def manifest_row(row_id: str, split: str, label: int | None, image: bytes | None
 
 def write_shards(folder: Path, rows: Iterable[Mapping[str, Any]], *,
                  schema: pa.Schema = CLEAN_SCHEMA, shard_rows: int | None = None,
-                 row_group_rows: int | None = None) -> Path:
+                 row_group_rows: int | None = None, chunk_rows: int = CHUNK_ROWS) -> Path:
     """`rows` as `folder/part-*.parquet` (the clean schema unless told); returns `folder`.
 
     `rows` may be any iterable, a generator of a million rows included: it is written
-    `CHUNK_ROWS` rows at a time."""
+    `chunk_rows` rows at a time (fewer for rows with large distinct images, to bound memory)."""
     sizes: dict[str, int] = {}
     if shard_rows is not None:
         sizes["shard_rows"] = shard_rows
@@ -90,6 +90,6 @@ def write_shards(folder: Path, rows: Iterable[Mapping[str, Any]], *,
         sizes["row_group_rows"] = row_group_rows
     it = iter(rows)
     with ShardWriter(Path(folder), schema=schema, **sizes) as writer:
-        while chunk := list(islice(it, CHUNK_ROWS)):
+        while chunk := list(islice(it, max(1, chunk_rows))):
             writer.write_rows(chunk)
     return Path(folder)
