@@ -1,29 +1,42 @@
-"""Benchmark `imatdata fetch` against a local image server, in one run.
+"""Benchmark `imatdata fetch` against img2dataset at its best, on a real web server, in one run.
 
-Throughput (default): N URLs of realistic photos (600-900 px JPEGs, 60-200 KB, from
-`sample.photo_corpus`), resized to --max-side 512, measured three ways:
+Throughput (default): N URLs over ~300 distinct real photographs (crops and rescales of the
+photos that packages ship, 600-900 px JPEGs, see `real_photos`), resized to --max-side 512:
 
-  * the machine's ceiling: cores x the single-core rate of the image work alone
-    (decode + resize + encode + sha256, no network), and the same work run on all cores at
-    once (what the cores really deliver together), both measured before and after the
-    downloaders (a shared VM's cores drift) and averaged;
-  * `imatdata fetch` (the real CLI, in a subprocess);
-  * a naive thread-pool downloader, the usual Kaggle script: urllib + PIL + save to files;
-  * img2dataset, when given (`--img2dataset PATH` to its executable, or found on PATH): one
-    process per core, parquet output, the same resize (keep ratio, longer side <= 512, only
-    if bigger), JPEG q90 and sha256. Install it in a venv of its own, e.g.
-    `python -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset`.
+  * the server: nginx when installed (`apt-get install nginx-light`), one worker, static
+    files, keep-alive; otherwise a lean Python server, and the report says so;
+  * img2dataset (`--img2dataset PATH`, or found on PATH; install it in a venv of its own:
+    `python -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset`): one process per core,
+    its thread count swept (--i2d-threads, default 16,32,64,128) on a first slice of the
+    URLs, then its best setting runs the full list. Parquet output, the same resize (keep
+    ratio, longer side <= 512 — `keep_ratio_largest`: its `keep_ratio` makes the *shorter*
+    side 512, a larger image than imat's —, only if bigger, INTER_AREA), JPEG q90, sha256,
+    no EXIF extraction (imat stores none), shards of N / (4 x processes) so every process has
+    work (its default of 10,000 per shard would leave one process idle);
+  * `imatdata fetch` (the real CLI, in a subprocess), in the same rounds as img2dataset's best,
+    alternating which goes first (--rounds, default 2): a shared VM's speed drifts, so the
+    ratio is taken round by round and over the whole;
+  * optionally (--naive) a thread-pool downloader, the usual Kaggle script;
+  * the image work alone (decode + resize + encode + sha256 on all cores, no network): the
+    most any downloader could reach here.
 
-For each: wall time, images/s, CPU ms per image (the process tree's user+system time),
-and the server's own CPU time, since it runs on the same cores in a separate process (a lean
-static HTTP/1.1 server, so that it takes as little of the downloaders' cores as it can).
+For each: wall time, images/s, CPU ms per image (the process tree's user+system time), and
+the server's CPU per image (it shares the cores).
+
+Real photos: the bench looks for the photographs that scikit-image and scikit-learn ship
+(their wheels, or the packages if importable) and Debian's lomiri-wallpapers-20.04 (in
+/usr/share/backgrounds). Without any it falls back to the synthetic `sample.photo_corpus`,
+and says so. To get them:
+
+    apt-get install lomiri-wallpapers-20.04          # two large photos
+    pip download --no-deps scikit-image scikit-learn -d ~/.cache/imat-bench   # eleven more
 
 Memory (--memory N): N tiny images (`sample.big_catalogue`), and the peak resident memory
 of the whole `imatdata fetch` process tree (main + image workers), sampled from /proc,
 with the RSS at each quarter of the run so a trend is visible; also the peak bytes on disk
 under the output root against the final size (rows wait in the journal until sealed).
 
-    .venv/bin/python bench/fetch.py [--n 10000] [--threads 32] [--no-naive] [--img2dataset PATH] [--loops 1,4]
+    .venv/bin/python bench/fetch.py [--n 10000] [--img2dataset PATH] [--i2d-threads 16,32,64,128] [--rounds 2]
     .venv/bin/python bench/fetch.py --memory 200000
 """
 
@@ -35,47 +48,227 @@ import io
 import json
 import multiprocessing
 import os
+import random
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from imatdata.fetch.images import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS, process_image
-from imatsample import Catalogue, TinyRange, big_catalogue, photo_corpus, write_lists
+from imatsample import big_catalogue, photo_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 IMATDATA = [sys.executable, "-m", "imatdata"]
 
 
-# --- the server, in its own process -----------------------------------------------------------
+# --- real photographs ------------------------------------------------------------------------------
+
+# Colour photographs shipped by packages (file stems): scikit-image's data, scikit-learn's
+# sample images, two of Debian's lomiri-wallpapers-20.04. Their other images (renders,
+# diagrams, grey scans) are left out.
+PHOTO_STEMS = ("astronaut", "chelsea", "coffee", "motorcycle_left", "motorcycle_right", "rocket", "hubble_deep_field",
+               "retina", "ihc", "china", "flower", "Kleiber_by_Lukas_Baubkus", "Infinite-Sea_by_Aury88")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def _catalogue(kind: str, n: int) -> Catalogue:
-    if kind == "tiny":
-        return big_catalogue(n, n_bodies=32, size=32)
-    pool = photo_corpus(48, seed=0)
-    cat = Catalogue(kind="photos", seed=0)
-    cat.ranges.append(TinyRange(n=n, bodies=tuple(pool), labels=tuple(range(1, 49)), split="train",
-                                prefix="/photo/"))
-    return cat
+def photo_places() -> list[Path]:
+    """Where packaged photos may be: the packages if importable, wheels in the bench cache
+    and the working directory, Debian's wallpapers."""
+    places = [Path("/usr/share/backgrounds"), Path.home() / ".cache" / "imat-bench"]
+    for module, sub in (("skimage", "data"), ("sklearn", "datasets/images")):
+        try:
+            spec = __import__("importlib.util").util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin:
+            places.append(Path(spec.origin).parent / sub)
+    return places
+
+
+def load_photos(paths: list[Path], only_known: bool) -> dict[str, bytes]:
+    """Photo files (by stem) from folders, files, and wheels or zips (their image members)."""
+    found: dict[str, bytes] = {}
+
+    def take(name: str, read) -> None:
+        stem = Path(name).stem
+        if Path(name).suffix.lower() in _IMAGE_SUFFIXES and stem not in found and (not only_known or stem in PHOTO_STEMS):
+            found[stem] = read()
+
+    for path in paths:
+        if path.is_dir():
+            for f in sorted(path.iterdir()):
+                if f.suffix in (".whl", ".zip"):
+                    load_zip(f, take)
+                elif f.is_file():
+                    take(f.name, f.read_bytes)
+        elif path.suffix in (".whl", ".zip") and path.is_file():
+            load_zip(path, take)
+        elif path.is_file():
+            take(path.name, path.read_bytes)
+    return found
+
+
+def load_zip(path: Path, take) -> None:
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            take(name, lambda name=name: z.read(name))
+
+
+def real_photos(originals: dict[str, bytes], n: int, seed: int = 0) -> list[bytes]:
+    """`n` distinct JPEGs of 600-900 px made from `originals`: a random crop of each photo in
+    turn (55-100% of its width, aspect 2:3 to 3:2, mirrored half the time), scaled so its
+    longer side is 600-900 px, saved at quality 80-92, as photos on the web are."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    sources = []
+    for stem in sorted(originals):
+        img = Image.open(io.BytesIO(originals[stem])).convert("RGB")
+        img.thumbnail((2400, 2400), Image.Resampling.LANCZOS)  # a 6000 px original: crops at a web scale
+        sources.append(img)
+    bodies = []
+    for i in range(n):
+        img = sources[i % len(sources)]
+        w, h = img.size
+        cw = max(1, int(w * rng.uniform(0.55, 1.0)))
+        ch = max(1, min(h, int(cw / rng.uniform(0.66, 1.5))))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        crop = img.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        scale = rng.randint(600, 900) / max(crop.size)
+        crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))),
+                           Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        crop.save(out, "JPEG", quality=rng.randint(80, 92))
+        bodies.append(out.getvalue())
+    return bodies
+
+
+def bench_corpus(args: argparse.Namespace) -> tuple[list[bytes], str]:
+    """(the distinct bodies to serve, a line saying what they are)."""
+    paths = [Path(p).expanduser() for p in args.photos] if args.photos else photo_places()
+    originals = load_photos(paths, only_known=not args.photos)
+    if len(originals) >= 4:
+        bodies = real_photos(originals, args.distinct)
+        what = f"{len(bodies)} real photos cut from {len(originals)} originals ({', '.join(sorted(originals))})"
+    else:
+        bodies = photo_corpus(args.distinct, seed=0)
+        what = (f"{len(bodies)} SYNTHETIC photo-like images (sample.photo_corpus): no packaged photos found "
+                f"in {', '.join(map(str, paths))} (see the docstring to get them)")
+    return bodies, what
+
+
+# --- the servers -------------------------------------------------------------------------------
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+master_process on;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 100000;
+    keepalive_timeout 60s;
+    types {{ image/jpeg jpg; }}
+    default_type application/octet-stream;
+    client_body_temp_path {root}/tmp; proxy_temp_path {root}/tmp; fastcgi_temp_path {root}/tmp;
+    uwsgi_temp_path {root}/tmp; scgi_temp_path {root}/tmp;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096 reuseport;
+        root {root}/www;
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def nginx_path() -> str | None:
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()),
+                                         None)
+
+
+class Nginx:
+    """nginx serving `<root>/www/photo/<j>.jpg`: one worker process (it needs a few percent
+    of one core at these rates), no access log, sendfile, long keep-alive."""
+
+    name = "nginx"
+
+    def __init__(self, exe: str, root: Path) -> None:
+        self.port = free_port()
+        (root / "tmp").mkdir(exist_ok=True)
+        conf = root / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(root=root, port=self.port))
+        self.proc = subprocess.Popen([exe, "-c", str(conf), "-p", str(root)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                urllib.request.urlopen(self.url("/photo/0.jpg"), timeout=1).read()
+                break
+            except urllib.error.HTTPError as exc:
+                self.close()
+                raise SystemExit(f"nginx answers {exc.code} for /photo/0.jpg (see {root / 'error.log'})") from None
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise SystemExit(f"nginx did not start: {self.proc.stderr.read().decode()[-500:]}") from None
+                time.sleep(0.05)
+        self.name = f"nginx {subprocess.run([exe, '-v'], capture_output=True, text=True).stderr.strip().split('/')[-1]}"
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def cpu_s(self) -> float:
+        """CPU of the master and its workers (the workers are its children)."""
+        pids = [self.proc.pid] + [int(c) for c in _children_of(self.proc.pid)]
+        return sum(proc_cpu_s(pid) for pid in pids)
+
+    def close(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _children_of(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
 
 
 class _LeanHTTP(asyncio.Protocol):
-    """A minimal HTTP/1.1 static server: GET <prefix><i>.jpg -> body i of the catalogue.
+    """A minimal HTTP/1.1 static server, for machines without nginx: GET /photo/<j>.jpg."""
 
-    The benchmark measures downloaders, not the server, yet the server shares their cores;
-    the sample server (aiohttp, fault injection, tracking) spent ~0.4 ms of CPU per image,
-    about 4% of a 2-core machine at these rates. This one answers from pre-built headers.
-    """
-
-    def __init__(self, ranges: list[TinyRange]) -> None:
-        self.ranges = ranges
+    def __init__(self, bodies: dict[str, bytes]) -> None:
+        self.bodies = bodies
         self.buf = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,7 +282,8 @@ class _LeanHTTP(asyncio.Protocol):
             parts = lines[0].split(b" ")
             close = any(line.lower().replace(b" ", b"") == b"connection:close" for line in lines[1:]) \
                 or parts[-1] == b"HTTP/1.0"
-            body = self._body(parts[1].decode("latin-1") if len(parts) == 3 else "")
+            path = parts[1].decode("latin-1").split("?", 1)[0] if len(parts) == 3 else ""
+            body = self.bodies.get(path)
             status = b"200 OK" if body is not None else b"404 Not Found"
             body = body if body is not None else b"not found"
             kind = b"image/jpeg" if status == b"200 OK" else b"text/plain"
@@ -101,45 +295,34 @@ class _LeanHTTP(asyncio.Protocol):
                 self.transport.close()
                 return
 
-    def _body(self, path: str) -> bytes | None:
-        path = path.split("?", 1)[0]
-        for r in self.ranges:
-            i = r.index_of(path)
-            if i is not None:
-                return r.bodies[i % len(r.bodies)]
-        return None
 
+def _serve(www: str, conn) -> None:  # runs in a spawned process
+    bodies = {"/" + str(p.relative_to(www)): p.read_bytes() for p in Path(www).rglob("*.jpg")}
 
-def _serve(kind: str, n: int, conn) -> None:  # runs in a spawned process
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        ranges = _catalogue(kind, n).ranges
-        servers = [await loop.create_server(lambda: _LeanHTTP(ranges), "127.0.0.1", 0, backlog=1024)]
-        port = servers[0].sockets[0].getsockname()[1]
-        try:  # where localhost resolves to ::1 first, clients must find us there too
-            servers.append(await loop.create_server(lambda: _LeanHTTP(ranges), "::1", port, backlog=1024))
-        except OSError:
-            pass
-        conn.send(port)
+        server = await loop.create_server(lambda: _LeanHTTP(bodies), "127.0.0.1", 0, backlog=1024)
+        conn.send(server.sockets[0].getsockname()[1])
         await loop.run_in_executor(None, conn.recv)  # any message: stop
-        for server in servers:
-            server.close()
+        server.close()
 
     asyncio.run(main())
 
 
-class Server:
-    """The sample server in a separate process, so its CPU time is its own."""
+class LeanServer:
+    """The fallback: `_LeanHTTP` in a separate process, so its CPU time is its own."""
 
-    def __init__(self, kind: str, n: int) -> None:
+    name = "python asyncio server (nginx not installed: apt-get install nginx-light)"
+
+    def __init__(self, root: Path) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(kind, n, child), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(str(root / "www"), child), daemon=True)
         self.proc.start()
         self.port = self._conn.recv()
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
 
     def cpu_s(self) -> float:
         return proc_cpu_s(self.proc.pid)
@@ -147,6 +330,26 @@ class Server:
     def close(self) -> None:
         self._conn.send("stop")
         self.proc.join(10)
+
+
+def start_server(root: Path, bodies: list[bytes], use_nginx: bool) -> Nginx | LeanServer:
+    """Write the bodies under `root/www/photo/` and serve them."""
+    folder = root / "www" / "photo"
+    folder.mkdir(parents=True)
+    for j, body in enumerate(bodies):
+        (folder / f"{j}.jpg").write_bytes(body)
+    for p in [folder, *folder.parents][:4]:  # nginx's worker may run as another user (nobody)
+        p.chmod(0o755)
+    exe = nginx_path() if use_nginx else None
+    return Nginx(exe, root) if exe else LeanServer(root)
+
+
+def write_list(path: Path, server, n: int, distinct: int) -> Path:
+    """An iMaterialist-style list: URL i serves photo i mod `distinct` (the query keeps URLs distinct)."""
+    images = [{"id": f"{i:032x}.jpg", "url": server.url(f"/photo/{i % distinct}.jpg?w=750&i={i}"), "class": 1 + i % 48}
+              for i in range(n)]
+    path.write_text(json.dumps({"images": images}))
+    return path
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -167,10 +370,7 @@ def children_cpu_s() -> float:
 
 
 def single_core_rate(bodies: list[bytes], seconds: float, max_side: int, resize_filter: str) -> tuple[float, float]:
-    """(images/s by the wall clock, images/s by this process's CPU time) on one core.
-
-    On a busy machine the wall-clock rate understates the core; the CPU-time rate does not.
-    """
+    """(images/s by the wall clock, images/s by this process's CPU time) on one core."""
     done, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         process_image(bodies[done % len(bodies)], max_side, resize_filter=resize_filter)
@@ -178,19 +378,18 @@ def single_core_rate(bodies: list[bytes], seconds: float, max_side: int, resize_
     return done / (time.perf_counter() - start), done / (time.process_time() - cpu)
 
 
-def _timed_rate(job: tuple[float, int, str]) -> float:  # runs in a spawned process
-    seconds, max_side, resize_filter = job
-    return single_core_rate(photo_corpus(48, seed=0), seconds, max_side, resize_filter)[0]
+def _timed_rate(job: tuple[str, float, int, str]) -> tuple[float, float]:  # runs in a spawned process
+    folder, seconds, max_side, resize_filter = job
+    bodies = [p.read_bytes() for p in sorted(Path(folder).glob("*.jpg"))]
+    return single_core_rate(bodies, seconds, max_side, resize_filter)
 
 
-def all_cores_rate(cores: int, seconds: float, max_side: int, resize_filter: str) -> float:
-    """images/s of the image work alone with every core busy at once (one process each).
-
-    `cores x single-core rate` assumes the cores scale perfectly; on a shared VM they do not
-    (both cores of this 2-core machine busy gave ~91% of twice one core's rate). This is the
-    most any downloader could reach here, with no network, server or writing at all."""
+def image_work_rate(folder: Path, cores: int, seconds: float, max_side: int, resize_filter: str) -> tuple[float, float]:
+    """(images/s with every core doing the image work at once, CPU ms per image): the most any
+    downloader could reach here, with no network, server or writing at all."""
     with multiprocessing.get_context("spawn").Pool(cores) as pool:
-        return sum(pool.map(_timed_rate, [(seconds, max_side, resize_filter)] * cores))
+        rates = pool.map(_timed_rate, [(str(folder), seconds, max_side, resize_filter)] * cores)
+    return sum(wall for wall, _ in rates), 1000 * cores / sum(cpu for _, cpu in rates)
 
 
 # --- the naive downloader ---------------------------------------------------------------------
@@ -315,21 +514,29 @@ def run_naive(list_path: Path, out: Path, threads: int, max_side: int, resize_fi
     return {"wall": time.perf_counter() - t0, "cpu": children_cpu_s() - cpu0, "ok": int(proc.stdout.strip())}
 
 
-def run_img2dataset(exe: str, list_path: Path, out: Path, processes: int, threads: int, max_side: int) -> dict:
-    """img2dataset on the same URLs, with the same resize, quality and hash as imatdata fetch."""
-    records = json.loads(list_path.read_text())["images"]
-    table_path = list_path.with_name("img2dataset-input.parquet")
+def img2dataset_input(list_path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    records = json.loads(list_path.read_text())["images"]
+    table_path = list_path.with_suffix(".parquet")
     pq.write_table(pa.table({"url": [r["url"] for r in records], "id": [str(r["id"]) for r in records]}), table_path)
+    return table_path
+
+
+def run_img2dataset(exe: str, table_path: Path, n: int, out: Path, processes: int, threads: int, max_side: int) -> dict:
+    """img2dataset on the same URLs, with the same resize, quality and hash as imatdata fetch.
+    Shards of n / (4 x processes) URLs: every process gets several (img2dataset's default,
+    10,000, would leave all but one idle on a list this size)."""
+    per_shard = max(1, -(-n // (4 * processes)))
     cmd = [exe, "--url_list", str(table_path), "--input_format", "parquet", "--url_col", "url",
            "--save_additional_columns", "['id']", "--output_format", "parquet", "--output_folder", str(out),
-           "--image_size", str(max_side), "--resize_mode", "keep_ratio", "--resize_only_if_bigger", "True",
-           "--encode_quality", "90", "--encode_format", "jpg", "--compute_hash", "sha256",
-           "--processes_count", str(processes), "--thread_count", str(threads), "--timeout", "30",
-           "--number_sample_per_shard", "10000", "--enable_wandb", "False"]
-    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+           "--image_size", str(max_side), "--resize_mode", "keep_ratio_largest", "--resize_only_if_bigger", "True",
+           "--downscale_interpolation", "area", "--encode_quality", "90", "--encode_format", "jpg",
+           "--compute_hash", "sha256", "--extract_exif", "False", "--processes_count", str(processes),
+           "--thread_count", str(threads), "--timeout", "30", "--number_sample_per_shard", str(per_shard),
+           "--enable_wandb", "False"]
+    env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
     cpu0 = children_cpu_s()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -337,111 +544,132 @@ def run_img2dataset(exe: str, list_path: Path, out: Path, processes: int, thread
     if proc.returncode != 0:
         raise SystemExit(f"img2dataset failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
     ok = sum(json.loads(p.read_text()).get("successes", 0) for p in out.glob("*_stats.json"))
+    shutil.rmtree(out, ignore_errors=True)
     return {"wall": wall, "cpu": children_cpu_s() - cpu0, "ok": ok}
 
 
-def measure_ceiling(bodies: list[bytes], cores: int, args: argparse.Namespace, when: str) -> tuple[float, float, float]:
-    """(ceiling images/s, CPU ms per image on one core, images/s with all cores at once), printed."""
-    wall_rate, cpu_rate = single_core_rate(bodies, args.ceiling_seconds, args.max_side, args.resize_filter)
-    ceiling, work_ms = cores * cpu_rate, 1000 / cpu_rate
-    print(f"[{when}] image work alone (decode + {args.resize_filter} resize + encode + sha256): {work_ms:.1f} ms "
-          f"of CPU per image, {cpu_rate:.1f} images/s per core ({wall_rate:.1f} by the wall clock) -> ceiling "
-          f"{ceiling:.1f} images/s on {cores} cores")
-    together = all_cores_rate(cores, args.ceiling_seconds, args.max_side, args.resize_filter)
-    print(f"[{when}] the same work on all {cores} cores at once, nothing else running: {together:.1f} images/s "
-          f"= {100 * together / ceiling:.1f}% of the ceiling (the most any downloader can reach here)")
-    return ceiling, work_ms, together
+def timed(server, run, *args, **kw) -> dict:
+    """`run(*args)` with the server's CPU time over it added."""
+    s0 = server.cpu_s()
+    r = run(*args, **kw)
+    r["server_cpu"] = server.cpu_s() - s0
+    return r
+
+
+def line(name: str, r: dict, ref: float | None = None) -> str:
+    rate = r["ok"] / r["wall"]
+    ratio = f"{rate / ref:5.2f}x" if ref else "     "
+    return (f"{name:44} {r['ok']:6d} {r['wall']:7.1f} {rate:7.1f} {ratio} {1000 * r['cpu'] / max(1, r['ok']):10.2f} "
+            f"{1000 * r['server_cpu'] / max(1, r['ok']):10.2f}")
+
+
+HEADER = f"{'downloader':44} {'ok':>6} {'wall s':>7} {'img/s':>7} {'/i2d':>6} {'CPU ms/img':>10} {'server ms':>10}"
 
 
 def throughput(args: argparse.Namespace) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="imat-bench-fetch-"))
     try:
-        bodies = photo_corpus(48, seed=0)
+        t0 = time.perf_counter()
+        bodies, what = bench_corpus(args)
         sizes = sorted(len(b) for b in bodies)
-        print(f"corpus: {args.n} URLs over 48 distinct photos, {sizes[0] // 1000}-{sizes[-1] // 1000} KB, "
-              f"median {sizes[len(sizes) // 2] // 1000} KB; {cores} cores")
-        ceiling, work_ms, together = measure_ceiling(bodies, cores, args, "before the runs")
-        server = Server("photos", args.n)
+        print(f"corpus: {args.n} URLs over {what}; {sizes[0] // 1000}-{sizes[-1] // 1000} KB, median "
+              f"{sizes[len(sizes) // 2] // 1000} KB (built in {time.perf_counter() - t0:.0f}s); {cores} cores")
+        server = start_server(work / "srv", bodies, use_nginx=not args.no_nginx)
+        print(f"server: {server.name}")
+        www = work / "srv" / "www" / "photo"
+        together, work_ms = image_work_rate(www, cores, args.ceiling_seconds, args.max_side, args.resize_filter)
+        print(f"image work alone (decode + {args.resize_filter} resize + encode + sha256), all {cores} cores at once: "
+              f"{together:.1f} images/s, {work_ms:.2f} ms of CPU per image")
         try:
-            lists = write_lists(_ListCatalogue(args.n), server, work / "lists")
-            rows = []
-            imat = None
-            for loops in ([x.strip() for x in args.loops.split(",") if x.strip()] or [None]):
-                s0 = server.cpu_s()
-                root = work / f"m-{loops}"
-                r = run_imat(lists["train"], root, ["--max-side", str(args.max_side), "--resize-filter",
-                                                    args.resize_filter, *(["--loops", loops] if loops else [])])
-                r["server_cpu"] = server.cpu_s() - s0
-                shutil.rmtree(root, ignore_errors=True)
-                rows.append(("imatdata fetch" + (f" --loops {loops}" if loops else ""), r))
-                imat = imat or r
-            if not args.no_naive:
-                s0 = server.cpu_s()
-                naive = run_naive(lists["train"], work / "naive", args.threads, args.max_side, args.resize_filter)
-                naive["server_cpu"] = server.cpu_s() - s0
-                rows.append((f"naive ThreadPool({args.threads}) urllib+PIL", naive))
+            full = write_list(work / "train.json", server, args.n, len(bodies))
             i2d = args.img2dataset or shutil.which("img2dataset")
+            best_threads = None
             if i2d:
-                s0 = server.cpu_s()
-                other = run_img2dataset(i2d, lists["train"], work / "i2d", cores, args.threads, args.max_side)
-                other["server_cpu"] = server.cpu_s() - s0
-                rows.append((f"img2dataset ({cores} proc x {args.threads} threads)", other))
+                sweep_n = min(args.n, args.sweep_n)
+                sweep_list = write_list(work / "sweep.json", server, sweep_n, len(bodies))
+                sweep_table = img2dataset_input(sweep_list)
+                print(f"\nimg2dataset thread sweep ({cores} processes, {sweep_n} URLs each):")
+                print(HEADER)
+                best_rate = 0.0
+                for threads in [int(t) for t in args.i2d_threads.split(",") if t.strip()]:
+                    r = timed(server, run_img2dataset, i2d, sweep_table, sweep_n, work / "i2d", cores, threads,
+                              args.max_side)
+                    print(line(f"img2dataset {cores} proc x {threads} threads", r), flush=True)
+                    if r["ok"] / r["wall"] > best_rate:
+                        best_rate, best_threads = r["ok"] / r["wall"], threads
+                print(f"best: {best_threads} threads per process")
+                table = img2dataset_input(full)
             else:
                 print("img2dataset: not found (pass --img2dataset PATH); not compared")
+            base = ["--max-side", str(args.max_side), "--resize-filter", args.resize_filter]
+            variants = [v.split() for v in args.imat_args.split(";")] if args.imat_args else [[]]
+            print(f"\n{args.rounds} rounds of {args.n} URLs, the order alternating "
+                  f"(imatdata fetch {' '.join(base)}{' + extra flags per row' if args.imat_args else ''}):")
+            print(HEADER)
+            imat_runs, i2d_runs = [], []
+            extra_runs: dict[str, list[dict]] = {}
+            for k in range(args.rounds):
+                order = ["imat", "i2d"] if k % 2 == 0 else ["i2d", "imat"]
+                for who in order:
+                    if who == "imat":
+                        for v, flags in enumerate(variants):
+                            root = work / "m"
+                            r = timed(server, run_imat, full, root, base + flags)
+                            shutil.rmtree(root, ignore_errors=True)
+                            if v == 0:
+                                imat_runs.append(r)
+                            else:
+                                extra_runs.setdefault(" ".join(flags), []).append(r)
+                            ref = i2d_runs[k]["ok"] / i2d_runs[k]["wall"] if len(i2d_runs) > k else None
+                            print(line(f"round {k + 1}: imatdata fetch {' '.join(flags)}".rstrip(), r, ref), flush=True)
+                    elif best_threads is not None:
+                        r = timed(server, run_img2dataset, i2d, table, args.n, work / "i2d", cores, best_threads,
+                                  args.max_side)
+                        i2d_runs.append(r)
+                        print(line(f"round {k + 1}: img2dataset {cores} x {best_threads}", r), flush=True)
+                if len(i2d_runs) > k and len(imat_runs) > k:
+                    ratio = (imat_runs[k]["ok"] / imat_runs[k]["wall"]) / (i2d_runs[k]["ok"] / i2d_runs[k]["wall"])
+                    print(f"round {k + 1}: imat / img2dataset = {ratio:.2f}x")
+            if args.naive:
+                r = timed(server, run_naive, full, work / "naive", args.threads, args.max_side, args.resize_filter)
+                print(line(f"naive ThreadPool({args.threads}) urllib+PIL", r))
         finally:
             server.close()
-        # On a shared VM the cores' speed drifts over minutes (one core alone runs faster when
-        # its sibling idles); measuring again after the runs shows by how much, and the
-        # ratios use the mean of both measurements.
-        after = measure_ceiling(bodies, cores, args, "after the runs")
-        ceiling, work_ms, together = ((a + b) / 2 for a, b in zip((ceiling, work_ms, together), after))
-        print(f"ratios below use the mean: ceiling {ceiling:.1f} images/s, all cores at once {together:.1f}")
-        print()
-        print(f"{'downloader':38} {'ok':>6} {'wall s':>7} {'img/s':>7} {'imat x':>6} {'% ceil':>7} {'% all-core':>10} "
-              f"{'CPU ms/img':>10} {'CPU-bound % ceil':>16} {'server CPU ms/img':>17}")
-        imat_rate = imat["ok"] / imat["wall"]
-        for name, r in rows:
-            rate = r["ok"] / r["wall"]
-            cpu_ms = 1000 * r["cpu"] / max(1, r["ok"])
-            # On an otherwise idle machine a CPU-bound downloader runs at cores / (CPU per image).
-            print(f"{name:38} {r['ok']:6d} {r['wall']:7.1f} {rate:7.1f} {imat_rate / max(rate, 1e-9):5.2f}x "
-                  f"{100 * rate / ceiling:6.1f}% {100 * rate / together:9.1f}% {cpu_ms:10.1f} {100 * work_ms / cpu_ms:15.1f}% "
-                  f"{1000 * r['server_cpu'] / max(1, r['ok']):17.1f}")
-        rate = imat["ok"] / imat["fetch_s"]
-        print(f"imatdata fetch, its fetch phase only (validation to final shards, from fetch_summary.json; "
-              f"the wall time above adds start-up and the stats files): {imat['fetch_s']:.1f}s, {rate:.1f} img/s, "
-              f"{100 * rate / ceiling:.1f}% of the ceiling, {100 * rate / together:.1f}% of the all-core rate")
-        print("'CPU-bound % ceil' = image-work CPU / the downloader's whole process-tree CPU per image (start-up,"
-              " event loop, workers, journal, final shards and stats files included): the share of the ceiling it"
-              " reaches when it has the cores to itself. The server's CPU, on the same cores, is not counted.")
+        imat_rate = sum(r["ok"] for r in imat_runs) / sum(r["wall"] for r in imat_runs)
+        print(f"\nimatdata fetch: {imat_rate:.1f} images/s over {len(imat_runs)} runs = {100 * imat_rate / together:.0f}% "
+              f"of the image work alone on all cores ({together:.1f})")
+        for flags, runs in extra_runs.items():
+            rate = sum(r["ok"] for r in runs) / sum(r["wall"] for r in runs)
+            print(f"imatdata fetch {flags}: {rate:.1f} images/s over {len(runs)} runs")
+        if i2d_runs:
+            i2d_rate = sum(r["ok"] for r in i2d_runs) / sum(r["wall"] for r in i2d_runs)
+            print(f"img2dataset at its best ({cores} x {best_threads} threads): {i2d_rate:.1f} images/s")
+            cpu = {name: sum(r["cpu"] + r["server_cpu"] for r in runs) / sum(r["ok"] for r in runs)
+                   for name, runs in (("imat", imat_runs), ("i2d", i2d_runs))}
+            print(f"CPU per image, server included: imat {1000 * cpu['imat']:.2f} ms, img2dataset "
+                  f"{1000 * cpu['i2d']:.2f} ms -> {cpu['i2d'] / cpu['imat']:.2f}x as many images per CPU-second "
+                  "(the ratio on otherwise idle cores, if both keep every core busy)")
+            print(f"RATIO imat / img2dataset-best = {imat_rate / i2d_rate:.2f}x (server: {server.name})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-class _ListCatalogue(Catalogue):
-    """The photo catalogue's records without its bodies (the lists only need ids and URLs)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__(kind="photos", seed=0)
-        self.ranges.append(TinyRange(n=n, bodies=(b"",), labels=tuple(range(1, 49)), split="train",
-                                     prefix="/photo/"))
 
 
 def memory(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="imat-bench-mem-"))
     try:
-        server = Server("tiny", args.memory)
+        tiny = big_catalogue(1, n_bodies=1, size=8).ranges[0].bodies[0]
+        server = start_server(work / "srv", [tiny], use_nginx=not args.no_nginx)
         try:
-            lists = write_lists(big_catalogue(args.memory, n_bodies=1, size=8), server, work / "lists")
+            listed = write_list(work / "train.json", server, args.memory, 1)
             s0 = server.cpu_s()
-            r = run_imat(lists["train"], work / "m", [], sample_rss=True)
+            r = run_imat(listed, work / "m", [], sample_rss=True)
             server_cpu = server.cpu_s() - s0
         finally:
             server.close()
         samples = r["rss"]
         peak = max(rss for _, rss in samples)
-        print(f"memory: {r['records']} records of tiny images, {r['ok']} ok, wall {r['wall']:.1f}s "
+        print(f"memory: {r['records']} records of tiny images ({server.name}), {r['ok']} ok, wall {r['wall']:.1f}s "
               f"({r['ok'] / r['wall']:.0f} img/s), fetch CPU {r['cpu']:.0f}s, server CPU {server_cpu:.0f}s")
         print(f"peak RSS of the fetch process tree: {peak / 2**20:.0f} MiB")
         end = samples[-1][0]
@@ -467,15 +695,22 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000, help="photo URLs for the throughput run")
+    parser.add_argument("--distinct", type=int, default=300, help="distinct photos the URLs cycle through")
+    parser.add_argument("--photos", nargs="*", help="photo files, folders or wheels/zips to cut the corpus from "
+                        "(default: the packaged photos found, see above)")
     parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--resize-filter", default=DEFAULT_RESIZE_FILTER, choices=list(RESIZE_FILTERS),
                         help="for the ceiling, imatdata fetch and the naive downloader alike")
-    parser.add_argument("--threads", type=int, default=32, help="threads of the naive downloader")
-    parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--img2dataset", help="img2dataset executable (default: the one on PATH, if any)")
-    parser.add_argument("--ceiling-seconds", type=float, default=8.0)
-    parser.add_argument("--loops", default="", help="comma-separated --loops values to run imatdata fetch "
-                        "with, one row each (default: its own choice); e.g. 1,4 on a 16-core machine")
+    parser.add_argument("--i2d-threads", default="16,32,64,128", help="img2dataset thread counts per process to sweep")
+    parser.add_argument("--sweep-n", type=int, default=4000, help="URLs for each run of the sweep")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of imat vs img2dataset's best, order alternating")
+    parser.add_argument("--imat-args", default="", help="extra imatdata fetch flags, ';' between variants, "
+                        "one row each per round; the first is the one compared, e.g. ';--workers 4'")
+    parser.add_argument("--no-nginx", action="store_true", help="serve with the Python server even if nginx is here")
+    parser.add_argument("--naive", action="store_true", help="also run the naive thread-pool downloader")
+    parser.add_argument("--threads", type=int, default=32, help="threads of the naive downloader")
+    parser.add_argument("--ceiling-seconds", type=float, default=5.0)
     parser.add_argument("--memory", type=int, default=0, help="run the memory part with this many tiny images")
     args = parser.parse_args()
     if args.memory:

@@ -10,6 +10,7 @@ checkpoint list, predict's required --out, --json and --config are written here.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -112,7 +113,8 @@ class Inputs:
 _CHECKPOINT_FLAGS = [
     _param("checkpoint", Optional[list[Path]],
            typer.Option(None, "--checkpoint", "-c", show_default=False,
-                        help="Checkpoint file(s); several are ensembled by averaging "
+                        help="Checkpoint file(s) or run folder(s) (a run folder means its "
+                             "best.pt, else last.pt); several are ensembled by averaging "
                              "probabilities. `--checkpoint A B` or repeat the flag.")),
     _param("more", Optional[list[Path]],
            typer.Argument(None, show_default=False, metavar="CKPT",
@@ -158,6 +160,7 @@ def eval_command(*, checkpoint: Optional[list[Path]], more: Optional[list[Path]]
         cfg = EvalConfig(**parse_given(EvalConfig, given))
         paths, data_dir = _inputs(checkpoint, more, given)
         report = evaluate_checkpoints(paths, data_dir, cfg)
+        _say_checkpoints(report.notes)
         if json_output:
             print(report.to_json(cfg.worst))
         else:
@@ -169,6 +172,13 @@ app.command("eval")(command(
     [*_CHECKPOINT_FLAGS, *typer_parameters(Inputs, {}), *typer_parameters(EvalConfig, _INFER_PANELS),
      _json_flag("Print the report as JSON on stdout.")],
     "Top-1/3/5, per-class and balanced accuracy of one checkpoint or an ensemble."))
+
+
+def _say_checkpoints(notes: list[str]) -> None:
+    """Which weights were used and why, one line per checkpoint, on stderr (stdout carries
+    the report or the JSON)."""
+    for note in notes:
+        print(note, file=sys.stderr)
 
 
 def _print_eval(report: Any, worst: int, out: Optional[Path]) -> None:
@@ -209,6 +219,7 @@ def predict_command(*, checkpoint: Optional[list[Path]], more: Optional[list[Pat
         cfg = PredictConfig(**parse_given(PredictConfig, given))
         paths, data_dir = _inputs(checkpoint, more, given)
         report = predict_submission(paths, data_dir, out, cfg)
+        _say_checkpoints(report.notes)
         if json_output:
             print(json.dumps(report.__dict__, indent=2))
         else:
@@ -264,6 +275,12 @@ app.command("lr-find")(command(
 
 
 def main() -> None:
+    # Before torch (and its OpenMP runtime) is loaded, which the commands do lazily: OpenMP
+    # threads that wait for work sleep instead of spinning. torch's libgomp otherwise spins
+    # between operations, which on a machine running anything else (loader workers, other
+    # jobs) burns the cores its own threads need: ResNet-18 at 64 px on 2 shared cores ran
+    # 2-4x faster passive (bench notes in README, "CPU threads"). The user's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 

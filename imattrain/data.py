@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -316,6 +317,7 @@ class ShardStream(IterableDataset):
     def _make_batch(self, rows: np.ndarray, units: np.ndarray, local: np.ndarray,
                     cache: dict[int, dict[str, list[Any]]], remaining: np.ndarray,
                     epoch: int, batch_index: int) -> dict[str, Any]:
+        started = time.process_time()
         images: list[Any] = []
         labels: list[int] = []
         ids: list[str] = []
@@ -341,8 +343,12 @@ class ShardStream(IterableDataset):
                 if remaining[unit] == 0:
                     del cache[unit]  # no later row of this worker needs it
             # Inside the seeded block: a transform's `collate` may draw per-batch randomness.
-            return self._collate(images, labels, ids, has_image, corrupt, batch_index,
-                                 len(rows))
+            batch = self._collate(images, labels, ids, has_image, corrupt, batch_index,
+                                  len(rows))
+        # CPU seconds this process spent on the batch: in a worker, how busy the loader
+        # keeps a core (the trainer's thread rule reads it; runtime.cpu_threads).
+        batch["cpu_time"] = time.process_time() - started
+        return batch
 
     def _prepare(self, data: bytes) -> Any:
         """Decoded and transformed sample, raw bytes (GPU decode), or None when corrupt."""
@@ -415,7 +421,8 @@ def build_loader(data_dir: str | Path, split: str, *, transform: Callable[[Image
 
     Batches: {"image": FloatTensor[B,3,H,W] (or [B,ncrops,3,H,W]), "label": LongTensor[B]
     (-1 when null), "id": list[str], "has_image": BoolTensor[B], "corrupt": rows dropped
-    for undecodable bytes, "batch_index", "planned"}; with raw_bytes, "data" holds the
+    for undecodable bytes, "batch_index", "planned", "cpu_time": CPU seconds the producing
+    process spent on the batch}; with raw_bytes, "data" holds the
     undecoded bytes as uint8 tensors and "image" is None. For training loaders, call
     `loader.dataset.set_epoch(epoch, start_sample)` before iterating each epoch.
     """

@@ -23,6 +23,7 @@ from torch import nn
 
 from imatdata import storage
 from imatdata.errors import UserError
+from imatdata.procs import available_cpus
 from imattrain import distributed as D
 from imattrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from imattrain.config import TrainConfig, to_toml
@@ -30,6 +31,7 @@ from imattrain.data import gpu_decode_batch
 from imattrain.runtime import (
     Console,
     EpochProgress,
+    LoaderLoad,
     ModelEma,
     cpu_threads,
     evaluate,
@@ -40,6 +42,7 @@ from imattrain.runtime import (
     unwrap,
 )
 from imattrain.schedules import build_scheduler, sgdr_cycle_ends
+from imattrain.selection import Choice
 from imattrain.setup import Session
 from imattrain.transforms import build_gpu_train_transform
 
@@ -113,6 +116,8 @@ def _default_out(cfg: TrainConfig, world: D.World) -> Path:
 
 def train(cfg: TrainConfig) -> RunResult:
     """Run (or resume) training as configured; under torchrun, every rank calls this."""
+    auto = cfg.auto_fields()
+    cfg = cfg.resolved()  # the auto recipe values (config.auto_recipe), saved as resolved
     world = D.env_world()
     device = resolve_device(cfg.device, world)
     if cfg.gpu_decode and device.type != "cuda":
@@ -124,7 +129,7 @@ def train(cfg: TrainConfig) -> RunResult:
         torch.set_float32_matmul_precision("high")
     D.init(world, device)
     try:
-        return _Trainer(cfg, world, device).run()
+        return _Trainer(cfg, world, device, auto).run()
     finally:
         D.shutdown()
 
@@ -133,8 +138,10 @@ class _Trainer:
     """One run: the session's data, model and optimiser, plus what only a run has (schedule,
     loss scaler, EMA, run folder, best-so-far) and its loop."""
 
-    def __init__(self, cfg: TrainConfig, world: D.World, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, world: D.World, device: torch.device,
+                 auto: list[str] | None = None) -> None:
         self.cfg, self.world, self.device = cfg, world, device
+        self.auto = auto or []
         self.say = Console(world.is_main and not cfg.quiet)
         s = self.session = Session.from_config(cfg, world, device, self.say)
         self.model, self.loss_fn, self.optimizer, self.dtype = s.model, s.loss_fn, s.optimizer, s.dtype
@@ -152,9 +159,15 @@ class _Trainer:
         if cfg.resume and out is None:
             raise UserError("--resume needs --out RUN_DIR (the run to continue)")
         self.paths = RunPaths(out or _default_out(cfg, world))
-        self.step, self.best, self.best_loss = 0, None, float("inf")
+        self.step = 0
+        self.choice = Choice()  # which validated epoch best.pt holds (imattrain.selection)
         self.last_val: dict[str, float] | None = None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        # On a CPU device the model starts on all of this rank's cores and gives back those
+        # the loader workers turn out to keep busy (runtime.cpu_threads).
+        measure = device.type == "cpu" and cfg.threads == 0 and cfg.workers > 0
+        self.loader_load = LoaderLoad() if measure else None
+        self.threads_chosen: int | None = None
         self.history: list[dict[str, Any]] = []
 
     def _wrap(self) -> nn.Module:
@@ -181,14 +194,16 @@ class _Trainer:
             "data_state": {"epoch": epoch, "seed": self.cfg.seed, "samples": samples,
                            "batch_size": self.cfg.batch_size,
                            "world_size": self.world.world_size, "workers": self.cfg.workers,
+                           "threads": self.threads_chosen,
                            "epoch_stats": stats.__dict__.copy()},
             "config": self.cfg.asdict(),
             "model_name": self.cfg.model,
             "num_classes": self.num_classes,
             "image_size": self.cfg.image_size,
             "class_counts": self.class_counts.tolist(),
-            "best_top3_err": self.best,
-            "best_val_loss": self.best_loss,
+            "best_top3_err": self.choice.top3_err,
+            "best_val_loss": self.choice.loss,
+            "selection": self.choice.state_dict(),
             "metrics": self.last_val,
             "rng": rng_state(),
         }
@@ -223,10 +238,19 @@ class _Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
-        self.best = ckpt.get("best_top3_err")
-        self.best_loss = ckpt.get("best_val_loss", float("inf"))
+        selection = ckpt.get("selection")
+        if selection is None and ckpt.get("best_top3_err") is not None:
+            # A checkpoint from before the selection rule: its best so far, epoch unknown.
+            err, loss = float(ckpt["best_top3_err"]), ckpt.get("best_val_loss")
+            selection = {"top3_err": err, "min_top3_err": err, "loss": loss, "min_loss": loss}
+        self.choice = Choice.from_state(selection)
         self.last_val = ckpt.get("metrics")
         set_rng_state(ckpt.get("rng"))
+        if self.loader_load is not None and ds.get("threads"):
+            # The thread count changes the rounding of sums: keep the interrupted run's.
+            self.threads_chosen = int(ds["threads"])
+            torch.set_num_threads(self.threads_chosen)
+            self.loader_load = None
         stats = EpochStats(**ds.get("epoch_stats", {}))
         return int(ds["epoch"]), int(ds["samples"]), stats
 
@@ -288,6 +312,14 @@ class _Trainer:
         self.say(f"run {self.paths.out}: {cfg.model}, {self.num_classes} classes, "
                  f"{int(self.class_counts.sum())} train images, {self.batches_per_epoch} batches "
                  f"per epoch per rank x {self.world.world_size} rank(s) on {self.device}")
+        if self.auto:
+            start = "pretrained weights" if cfg.pretrained else "scratch"
+            basic_only = ("crop_scale", "rotation", "color_jitter")
+            shown = ", ".join(
+                f"{name.replace('_', '-')} {getattr(cfg, name)}" for name in self.auto
+                if cfg.augment == "basic" or name not in basic_only)
+            self.say(f"recipe: {shown} (auto for {cfg.epochs} epochs from {start}; "
+                     f"flags override)")
         net = self._wrap()
         stopped = False
         for epoch in range(start_epoch, cfg.epochs):
@@ -299,10 +331,12 @@ class _Trainer:
         if cfg.two_stage and not stopped:
             self._two_stage()
         if self.world.is_main and not stopped:
-            self.say(f"done: {self.paths.out} (best val top-3 error "
-                     f"{'n/a' if self.best is None else f'{self.best:.4f}'})")
+            chosen = (f"best.pt: epoch {self.choice.epoch}, {self.choice.reason()}"
+                      if self.choice.epoch is not None else "no validation: use last.pt")
+            self.say(f"done: {self.paths.out} ({chosen})")
         return RunResult(out=self.paths.out, epochs_done=len(self.history), steps=self.step,
-                         best_top3_err=self.best, stopped_early=stopped, metrics=self.history)
+                         best_top3_err=self.choice.top3_err, stopped_early=stopped,
+                         metrics=self.history)
 
     def _batch_to_device(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(images, labels, corrupt count) on the device, GPU-decoding when asked."""
@@ -345,6 +379,9 @@ class _Trainer:
             except StopIteration:
                 break
             wait = time.perf_counter() - t0
+            if self.loader_load is not None and self.loader_load.add(batch.get("cpu_time", 0.0),
+                                                                      t0 + wait):
+                self._choose_threads()
             j = int(batch["batch_index"])
             x, y, corrupt = self._batch_to_device(batch)
             stats.corrupt += corrupt
@@ -400,6 +437,17 @@ class _Trainer:
         stats.loss_sum += float(loss_sum)
         self._end_epoch(epoch, stats)
         return bool(cfg.max_steps and self.step >= cfg.max_steps and epoch + 1 < cfg.epochs)
+
+    def _choose_threads(self) -> None:
+        assert self.loader_load is not None and self.loader_load.cores is not None
+        busy = self.loader_load.cores
+        self.threads_chosen = cpu_threads(0, self.cfg.workers, self.world.world_size, busy)
+        if self.threads_chosen != torch.get_num_threads():
+            torch.set_num_threads(self.threads_chosen)
+        self.say(f"cpu: {self.cfg.workers} loader worker(s) keep {busy:.2f} core(s) busy; the "
+                 f"model runs on {self.threads_chosen} thread(s) of {available_cpus()} core(s) "
+                 f"(--threads N to choose)")
+        self.loader_load = None
 
     def _optimizer_step(self) -> None:
         optimizer_step(self.optimizer, self.scaler, self.cfg.clip_grad)
@@ -469,6 +517,8 @@ class _Trainer:
             "data_wait_frac": wait / busy if busy else None,
             "corrupt_skipped": int(corrupt), "train_images": int(samples),
         }
+        if self.device.type == "cpu":
+            record["threads"] = torch.get_num_threads()
         validate = self.val_loader is not None and (
             (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
         if validate:
@@ -483,11 +533,11 @@ class _Trainer:
                               ema_top5=e["top5"], ema_top3_err=e["top3_err"])
                 chosen = e  # best.pt and predict use the EMA weights when there are some
             self.last_val = {k: chosen[k] for k in ("top1", "top3", "top5", "top3_err", "loss")}
-            # Ties in top-3 error are common on a small val split: the lower val loss wins.
-            key = (chosen["top3_err"], chosen["loss"])
-            if self.best is None or key < (self.best, self.best_loss):
-                self.best, self.best_loss = key
+            # The latest epoch within noise of the lowest top-3 error (imattrain.selection):
+            # a small or saturated val split cannot rank epochs a few images apart.
+            if self.choice.offer(epoch + 1, chosen["top3_err"], chosen["loss"], chosen["count"]):
                 self._save(self.paths.best, epoch + 1, 0, EpochStats())
+            record["best_epoch"] = self.choice.epoch
         self._append_metrics(record)
         self._save(self.paths.last, epoch + 1, 0, EpochStats())
         parts = [f"epoch {epoch + 1}/{cfg.epochs}", f"loss {record['train_loss']:.4f}"

@@ -267,6 +267,52 @@ class LoadedCheckpoint:
     num_classes: int
     class_counts: np.ndarray
     tau: float = 0.0  # the run's --tau: the default logit adjustment for its checkpoints
+    note: str = ""  # one line: which weights these are and why (`checkpoint_note`)
+
+
+def run_checkpoint(path: Path) -> Path:
+    """A `--checkpoint` argument as a file: a run folder (or its checkpoints/ folder) means
+    the run's choice, `best.pt` (the latest epoch within noise of the lowest val top-3
+    error; see imattrain.selection), or `last.pt` when the run had no validation."""
+    path = Path(path)
+    if not storage.is_dir(path):
+        return path
+    folder = path if storage.is_file(path / "last.pt") else path / "checkpoints"
+    for name in ("best.pt", "last.pt"):
+        if storage.is_file(folder / name):
+            return folder / name
+    raise UserError(f"{path} is a folder without checkpoints/best.pt or last.pt; give a run "
+                    f"folder (runs/NAME) or a checkpoint file")
+
+
+def checkpoint_note(path: Path, ckpt: dict[str, Any], *, ema: bool, chosen: bool) -> str:
+    """One line saying which weights a checkpoint holds and why they are the ones used;
+    `chosen`: picked from a run folder rather than named by the user."""
+    from imattrain.selection import Choice
+
+    cfg = ckpt.get("config") or {}
+    epoch, epochs = ckpt.get("epoch"), cfg.get("epochs")
+    when = f"epoch {epoch}/{epochs}" if epoch is not None and epochs else f"step {ckpt.get('step')}"
+    selection = ckpt.get("selection")
+    partial = (ckpt.get("data_state") or {}).get("samples", 0)
+    if ckpt.get("two_stage"):
+        why = "after the two-stage classifier re-training"
+    elif path.name.startswith("snapshot"):
+        why = f"an SGDR snapshot (end of a cycle, step {ckpt.get('step')})"
+    elif partial:
+        why = f"saved mid-epoch at step {ckpt.get('step')} (the run was stopped)"
+    elif selection and selection.get("epoch") == epoch:
+        why = Choice.from_state(selection).reason()
+    elif path.name == "best.pt" and ckpt.get("best_top3_err") is not None:
+        why = f"lowest val top-3 error {float(ckpt['best_top3_err']):.4f}"
+    elif epoch is not None and epoch == epochs:
+        why = ("the last epoch (the run had no validation split)" if path.name == "last.pt"
+               and not selection else "the last epoch")
+    else:
+        why = "as saved"
+    source = "the run's choice" if chosen else "as given"
+    weights = ", EMA weights" if ema else ""
+    return f"checkpoint {path} ({source}): {when}{weights}; {why}"
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -293,8 +339,8 @@ def load_checkpoints(paths: Sequence[Path], device: torch.device, *, use_ema: bo
     if not paths:
         raise UserError("give at least one --checkpoint (or --snapshots RUN_DIR)")
     loaded: list[LoadedCheckpoint] = []
-    for path in paths:
-        path = Path(path)
+    for given in paths:
+        path = run_checkpoint(Path(given))
         if not storage.is_file(path):
             raise UserError(f"checkpoint {path} does not exist")
         model, ckpt = load_model(path, device, use_ema=use_ema)
@@ -307,8 +353,10 @@ def load_checkpoints(paths: Sequence[Path], device: torch.device, *, use_ema: bo
         num_classes = int(ckpt["num_classes"])
         counts = np.asarray(ckpt.get("class_counts") if ckpt.get("class_counts") is not None
                             else np.zeros(num_classes), dtype=np.float64)
+        note = checkpoint_note(path, ckpt, ema=use_ema and ckpt.get("ema") is not None,
+                               chosen=path != Path(given))
         loaded.append(LoadedCheckpoint(path, model, image_size, int(resize), num_classes, counts,
-                                       float(cfg.get("tau") or 0.0)))
+                                       float(cfg.get("tau") or 0.0), note))
     sizes = {c.num_classes for c in loaded}
     if len(sizes) > 1:
         raise UserError(f"the checkpoints disagree on the number of classes ({sorted(sizes)}); "
@@ -426,6 +474,7 @@ class EvalReport:
     metrics: Metrics
     tau_search: list[dict[str, float]] | None = None
     unadjusted: Metrics | None = None  # the tau = 0 figures, when tau != 0
+    notes: list[str] = field(default_factory=list)  # per checkpoint: which weights and why
 
     def to_dict(self, worst: int = 10) -> dict[str, Any]:
         def m(x: Metrics) -> dict[str, Any]:
@@ -434,7 +483,7 @@ class EvalReport:
                     "balanced_top3": x.balanced_top3}
 
         out: dict[str, Any] = {"split": self.split, "checkpoints": self.checkpoints, "tta": self.tta,
-                               "tau": self.tau, **m(self.metrics),
+                               "checkpoint_notes": self.notes, "tau": self.tau, **m(self.metrics),
                                "worst_classes": [asdict(c) for c in self.metrics.worst(worst)],
                                "per_class": [asdict(c) for c in self.metrics.per_class]}
         if self.unadjusted is not None:
@@ -458,7 +507,7 @@ def evaluate_checkpoints(paths: Sequence[Path], data_dir: Path, cfg: EvalConfig)
     """Metrics of `cfg.split` for one checkpoint or an ensemble; with `cfg.out`, the full
     report (`to_dict(cfg.worst)`) is also written there as JSON (see `check_outputs`)."""
     _check_tau(cfg.tau)
-    check_outputs({"--out": cfg.out}, paths, data_dir, cfg.force)
+    check_outputs({"--out": cfg.out}, [*paths, *map(run_checkpoint, paths)], data_dir, cfg.force)
     dev = resolve_device(cfg.device)
     loaded = load_checkpoints(paths, dev)
     tau = loaded[0].tau if cfg.tau is None else cfg.tau
@@ -473,8 +522,9 @@ def evaluate_checkpoints(paths: Sequence[Path], data_dir: Path, cfg: EvalConfig)
         tau, search = choice.tau, choice.grid
     metrics = compute_metrics(adjust(log_p, prior, tau), preds.labels)
     base = compute_metrics(log_p, preds.labels) if tau else None
-    report = EvalReport(split=cfg.split, checkpoints=[str(p) for p in paths], tta=cfg.tta, tau=tau,
-                        metrics=metrics, tau_search=search, unadjusted=base)
+    report = EvalReport(split=cfg.split, checkpoints=[str(c.path) for c in loaded], tta=cfg.tta,
+                        tau=tau, metrics=metrics, tau_search=search, unadjusted=base,
+                        notes=[c.note for c in loaded])
     if cfg.out is not None:
         storage.write_bytes_atomic((report.to_json(cfg.worst) + "\n").encode(), cfg.out)
     return report
@@ -490,6 +540,8 @@ class PredictReport:
     from_prior: int
     out: str
     probs: str | None
+    checkpoints: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # per checkpoint: which weights and why
 
 
 def predict_submission(paths: Sequence[Path], data_dir: Path, out: Path,
@@ -499,7 +551,8 @@ def predict_submission(paths: Sequence[Path], data_dir: Path, out: Path,
     `check_outputs`)."""
     probs_out = cfg.probs
     _check_tau(cfg.tau)
-    check_outputs({"--out": out, "--probs": probs_out}, paths, data_dir, cfg.force)
+    check_outputs({"--out": out, "--probs": probs_out}, [*paths, *map(run_checkpoint, paths)],
+                  data_dir, cfg.force)
     dev = resolve_device(cfg.device)
     loaded = load_checkpoints(paths, dev)
     tau = loaded[0].tau if cfg.tau is None else cfg.tau
@@ -523,5 +576,6 @@ def predict_submission(paths: Sequence[Path], data_dir: Path, out: Path,
         write_probs(probs_out, all_ids, probs)
     write_submission(out, all_ids, top3)
     return PredictReport(rows=len(all_ids), with_image=int(with_image.sum()), from_prior=int((~with_image).sum()),
-                         out=str(out), probs=str(probs_out) if probs_out else None)
+                         out=str(out), probs=str(probs_out) if probs_out else None,
+                         checkpoints=[str(c.path) for c in loaded], notes=[c.note for c in loaded])
 

@@ -69,19 +69,57 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def cpu_threads(requested: int, workers: int, ranks: int = 1) -> int:
-    """Model threads on a CPU device: `requested`, else the cores the loader workers leave
-    (of those this process may run on: taskset and container CPU sets count).
+def cpu_threads(requested: int, workers: int, ranks: int = 1, loader_cores: float = 0.0) -> int:
+    """Model threads on a CPU device: `requested`, else this rank's share of the cores this
+    process may run on (taskset and container CPU sets count) less the cores its loader
+    workers keep busy, `loader_cores` (measured by `LoaderLoad`; at most `workers`), rounded.
 
-    Oversubscribed OpenMP threads spin against the loader workers (and other ranks): on a
-    busy 2-core machine that is 10-20x slower than one thread.
+    Workers that sleep cost nothing: with 2 workers feeding a ResNet-18 at 64 px they use
+    about 0.02-0.1 of a core, and leaving them 2 of 2 cores (the old rule, cores minus
+    workers) halved the run's speed. A worker that does keep a core busy does compete:
+    OpenMP splits each operation evenly over the threads, so one preempted thread stalls
+    the others; that core is left to it. (The CLI also makes idle OpenMP threads sleep
+    rather than spin, `OMP_WAIT_POLICY=PASSIVE`, see cli.main: spinning threads on a shared
+    machine slow everything else down, their own partners included.)
     """
-    return requested or max(1, available_cpus() // ranks - workers)
+    if requested:
+        return requested
+    busy = min(max(loader_cores, 0.0), float(workers))
+    return max(1, available_cpus() // max(1, ranks) - int(busy + 0.5))
+
+
+class LoaderLoad:
+    """How many cores the loader workers keep busy: their CPU seconds per batch (each batch
+    carries `cpu_time`) over the main process's wall time per batch, over `window` batches
+    after `skip` (start-up: worker launch, first row groups, allocator warm-up)."""
+
+    def __init__(self, skip: int = 5, window: int = 20) -> None:
+        self.skip, self.window = skip, window
+        self.seen = 0
+        self.cpu = 0.0
+        self.start: float | None = None
+        self.cores: float | None = None  # the measurement, once the window is full
+
+    def add(self, cpu_time: float, now: float) -> bool:
+        """Count one batch arriving at time `now`; True when the measurement is complete."""
+        if self.cores is not None:
+            return False
+        self.seen += 1
+        if self.seen == self.skip:
+            self.start = now
+        elif self.seen > self.skip:
+            self.cpu += float(cpu_time)
+            if self.seen == self.skip + self.window and self.start is not None:
+                self.cores = self.cpu / max(now - self.start, 1e-9)
+                return True
+        return False
 
 
 def build_optimizer(cfg: Any, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
     """SGD or AdamW over the parameters that require grad; no weight decay on norm layers and
     biases (1-d parameters). `cfg` needs optimizer, lr, momentum, nesterov, weight_decay."""
+    if hasattr(cfg, "resolved"):
+        cfg = cfg.resolved()  # a TrainConfig's auto weight decay
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -83,6 +83,7 @@ def sgdr_cycle_ends(cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
     """Optimiser steps (1-based counts) at which an SGDR cycle finishes within the run."""
     if cfg.schedule != "sgdr":
         return []
+    cfg = cfg.resolved()
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     t0 = max(1, int(round(cfg.sgdr_t0 * steps_per_epoch)))
@@ -95,6 +96,7 @@ def sgdr_cycle_ends(cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
 
 
 def build_multiplier(cfg: TrainConfig, steps_per_epoch: int) -> LrMultiplier:
+    cfg = cfg.resolved()
     spe = max(1, steps_per_epoch)
     return LrMultiplier(
         kind=cfg.schedule,

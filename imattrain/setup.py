@@ -86,6 +86,7 @@ class Session:
     @classmethod
     def from_config(cls, cfg: TrainConfig, world: D.World, device: torch.device,
                     say: Callable[[str], None] = lambda _m: None) -> Session:
+        cfg = cfg.resolved()
         data_dir = resolve_data_dir(cfg.data, cfg.root)
         train_index = scan_split(data_dir, cfg.train_split)
         val_index = None

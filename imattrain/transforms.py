@@ -98,6 +98,7 @@ class BasicAugment:
     decodes = True  # takes the opened, undecoded image and decodes it itself
 
     def __init__(self, cfg: TrainConfig) -> None:
+        cfg = cfg.resolved()
         self.size = cfg.image_size
         self.rotation = cfg.rotation
         self.crop_scale = [cfg.crop_scale, 1.0]
@@ -211,6 +212,7 @@ def _crop(top: int, left: int, h: int, w: int, size: int, flip: bool) -> np.ndar
 def build_train_transform(cfg: TrainConfig, fused: bool = True) -> Preset | BasicAugment:
     """PIL image -> normalised float tensor [3, S, S] for the configured preset; the `basic`
     preset is `BasicAugment` (uint8 tensors, `collate` per batch) unless `fused=False`."""
+    cfg = cfg.resolved()
     if fused and cfg.augment == "basic":
         return BasicAugment(cfg)
     ops = _geometry(cfg, T) + _colour(cfg, T) + _policy(cfg, T)
@@ -220,6 +222,7 @@ def build_train_transform(cfg: TrainConfig, fused: bool = True) -> Preset | Basi
 
 def build_gpu_train_transform(cfg: TrainConfig) -> v2.Compose:
     """uint8 CHW tensor (on any device) -> normalised float tensor; the same preset."""
+    cfg = cfg.resolved()
     ops = _geometry(cfg, v2) + _colour(cfg, v2) + _policy(cfg, v2)
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(ops)

@@ -128,3 +128,70 @@ def test_near_groups_links_transitively_and_collapses_repeats() -> None:
     groups = [g.tolist() for g in dedup.groups_from_roots(uf.roots())]
     assert groups == [[0, 1, 2, 4, 5]]
     assert dedup.equal_value_pairs(np.array([b"x", b"y", b"x"], dtype="S1"))[1].tolist() == [2]
+
+
+# --- the second look and star groups ----------------------------------------------------------
+
+
+def signature(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """Pack an 8x8 luma (0..255) and 2x4x4 chroma (0..255) as checks.image_signature does."""
+    y = luma.astype(np.int64).ravel()
+    lo, hi = int(y.min()), int(y.max())
+    levels = ((y - lo) * 15 + max(hi - lo, 1) // 2) // max(hi - lo, 1)
+    packed = (levels[0::2] << 4) | levels[1::2]
+    return np.concatenate([[lo, hi], packed, chroma.astype(np.int64).ravel()]).astype(np.uint8)
+
+
+def test_signature_layout_round_trips() -> None:
+    g = np.random.default_rng(0)
+    luma = np.arange(0, 256, 4).reshape(8, 8)[::-1]  # 64 levels, a whole range
+    chroma = g.integers(0, 256, (2, 4, 4))
+    sig = signature(luma, chroma)
+    assert sig.size == dedup.SIG_BYTES
+    y, c = dedup.unpack_signatures(sig)
+    assert np.abs(y.reshape(8, 8) - luma).max() <= 252 / 15 / 2 + 1e-3  # half a 4-bit step
+    assert np.array_equal(c.ravel() + 128, chroma.ravel())
+
+
+def test_confirm_pairs_separates_shade_colour_and_layout() -> None:
+    g = np.random.default_rng(1)
+    scene = g.integers(30, 220, (8, 8))
+    neutral = np.full((2, 4, 4), 128)
+    red = np.stack([np.full((4, 4), 100), np.full((4, 4), 200)])
+    base = signature(scene, neutral)
+    same = [signature(np.clip(scene * 1.08, 0, 255), neutral),  # brighter
+            signature(scene + g.integers(-4, 5, (8, 8)), neutral)]  # re-encode noise
+    other = [signature(g.integers(30, 220, (8, 8)), neutral),  # another layout
+             signature(scene, red),  # another colour
+             signature(255 - scene, neutral)]  # inverted: no gain in range maps it
+    sigs = np.stack(same + other)
+    ok = dedup.confirm_pairs(np.repeat(base[None], len(sigs), 0), sigs, np.zeros(len(sigs)))
+    assert ok.tolist() == [True, True, False, False, False]
+    # The farther apart the phashes, the closer the thumbnails must be.
+    near = dedup.confirm_pairs(base[None].repeat(2, 0), sigs[1:2].repeat(2, 0), np.array([0, 30]))
+    assert near.tolist() == [True, False]
+
+
+def test_confirmed_pairs_counts_candidates_and_keeps_the_confirmed() -> None:
+    g = np.random.default_rng(2)
+    neutral = np.full((2, 4, 4), 128)
+    scenes = [g.integers(30, 220, (8, 8)) for _ in range(3)]
+    sigs = np.stack([signature(scenes[0], neutral), signature(scenes[0] + 2, neutral), signature(scenes[1], neutral),
+                     signature(scenes[2], neutral)])
+    hashes = np.array([0, 1, 3, -1], dtype=np.int64)  # 0-1-2 within 2 bits, 3 far away
+    count = dedup.PairCount()
+    i, j, d = dedup.confirmed_pairs(hashes, sigs, 2, count=count)
+    assert (count.candidates, count.confirmed) == (3, 1)
+    assert (i.tolist(), j.tolist(), d.tolist()) == ([0], [1], [1])
+
+
+def test_star_groups_never_chain() -> None:
+    # 0-1-2-3 a chain, 4-5 a pair, 6 alone; rank by index: 0 takes 1, 2 takes 3.
+    i, j = np.array([0, 1, 2, 4]), np.array([1, 2, 3, 5])
+    groups = [g.tolist() for g in dedup.star_groups(7, i, j, np.arange(7))]
+    assert groups == [[0, 1], [2, 3], [4, 5]]
+    # Ranked middle first, 1 takes both its neighbours; 3 is left with no free link.
+    rank = np.array([5, 0, 6, 1, 2, 3, 4])
+    groups = [g.tolist() for g in dedup.star_groups(7, i, j, rank)]
+    assert groups == [[1, 0, 2], [4, 5]]
+    assert dedup.star_groups(3, np.empty(0, np.int64), np.empty(0, np.int64), np.arange(3)) == []

@@ -405,6 +405,25 @@ async def test_numeric_hosts_are_blocked_or_fetched_like_their_address(faults: C
     assert all(d.body == item.body for d in fetched) and srv.counter[item.path] == len(hosts)
 
 
+async def test_trailing_dot_names_are_checked_like_the_name(faults: Catalogue) -> None:
+    """`localhost.` (the fully qualified form), names under `.localhost` (RFC 6761: always
+    loopback, never asked of DNS) and `127.0.0.1.` reach loopback as the bare names do:
+    refused without an allowance, fetched with one."""
+    item = faults.one(kind="jpeg")
+    hosts = ["localhost.", "LocalHost.", "img.localhost.", "127.0.0.1.", "127.1."]
+    assert canonical_host("127.1.") == "127.0.0.1" and canonical_host("LocalHost.") == "localhost."
+    async with SampleServer(faults) as srv:
+        urls = [f"http://{h}:{srv.port}{item.path}" for h in hosts]
+        async with Fetcher(NetConfig(timeout=2.0, retries=3)) as f:
+            refused = [await f.fetch(u) for u in urls]
+        assert srv.total_requests == 0
+        async with Fetcher(cfg(allow_nets=LOOPBACK)) as f:
+            fetched = [await f.fetch(u) for u in urls]
+    assert [(d.status, d.attempts) for d in refused] == [("blocked", 0)] * len(hosts), [d.error for d in refused]
+    assert [(d.status, d.attempts) for d in fetched] == [("ok", 1)] * len(hosts), [d.error for d in fetched]
+    assert srv.counter[item.path] == len(hosts)
+
+
 @pytest.mark.parametrize("url", ["http://8.8.8.8.8/x.jpg", "http://256.1.1.1/x.jpg", "http://1.2.3.08/x.jpg",
                                  "http://a b/x.jpg", "http://[zz]/x.jpg", "http://:80/x.jpg",
                                  "http://images.example.99/x.jpg"])
@@ -501,3 +520,21 @@ async def test_waiting_for_the_budget_does_not_count_against_the_timeout() -> No
     assert all(size >= 700_000 for _, size in results)
     assert elapsed > 6 * 0.7 / 2, "bodies were held one or two at a time"
     assert budget.held == 0 and budget.peak <= MIB + 20 * MIB
+
+
+# --- the save window (resume bound, issue #18) ------------------------------------------------------
+
+
+async def test_window_unit_held_by_final_outcome_only(faults: Catalogue) -> None:
+    window = asyncio.Semaphore(3)
+    async with SampleServer(faults) as srv:
+        async with Fetcher(cfg(), window=window) as f:
+            flaky = await f.fetch(srv.item_url(faults.one(kind="flaky_503")))  # two retries first
+            missing = await f.fetch(srv.item_url(faults.one(kind="http_404")))
+    assert (flaky.status, flaky.attempts, missing.status) == ("ok", 3, "http_error")
+    # Each final outcome keeps one unit for its caller; the retried attempts gave theirs back.
+    assert flaky.saving is window and missing.saving is window and window._value == 1
+    flaky.saving.release()
+    missing.saving.release()
+    async with Fetcher(cfg()) as f:
+        assert (await f.fetch("http://[zz]/x.jpg")).saving is None  # no window, nothing held

@@ -304,9 +304,39 @@ def test_kill_9_then_rerun_loses_only_in_flight_work(tmp_path: Path) -> None:
     assert second_run == n - journaled, "every journaled row was kept, every lost one fetched again"
 
 
+def test_kill_9_repeats_at_most_concurrency_plus_64_answered_requests(tmp_path: Path) -> None:
+    """README's resume bound: however deep the queues (here up to 400 records at once, the
+    journal flushed only when the save window runs out), a rerun after kill -9 requests again
+    at most --concurrency + 64 URLs the killed run had requested."""
+    n, concurrency, slack = 600, 4, 64
+    cat = big_catalogue(n, n_bodies=8, size=400)
+    root = tmp_path / "m"
+    with serve_in_thread(cat) as srv:
+        src = write_lists(cat, srv, tmp_path)["train"]
+        # One image worker decoding, resizing and encoding each 400 px body: the image work,
+        # not the network, is the bottleneck, so bodies would pile up without the window
+        # (~400 were lost here without it).
+        proc = spawn_fetch(src, root, workers=1, pending=400, journal_rows=100_000, journal_seconds=600.0,
+                           max_side=300, concurrency=concurrency)
+        jdir = journal_dir(root, "train")
+        wait_while_running(proc, lambda: len(list(jdir.glob("j-*.parquet"))) >= 4)
+        assert kill_fetch(proc), "image workers outlived the killed fetch"
+        requested = {path for path, count in srv.counter.items() if count}
+        journaled = sum(pq.read_metadata(p).num_rows for p in jdir.glob("j-*.parquet"))
+        assert 0 < journaled < len(requested) < n
+        srv.counter.clear()
+        fetch_lib([src], root, workers=1)
+        repeated = sum(count for path, count in srv.counter.items() if path in requested)
+        assert sum(srv.counter.values()) == n - journaled  # every journaled row was kept
+    assert len(rows(root)) == n and all(r["status"] == "ok" for r in rows(root))
+    assert repeated == len(requested) - journaled, "each lost record requested once again"
+    assert repeated <= concurrency + slack, (repeated, journaled, len(requested))
+
+
 def spawn_fetch(src: Path, root: Path, **options: object) -> subprocess.Popen[bytes]:
     """`run_fetch` of one list in a child process leading a session of its own, so that the
     test can kill it and then find whatever it left running. A UserError is one line, exit 2."""
+    concurrency = options.pop("concurrency", 4)
     settings = "".join(f", {k}={v!r}" for k, v in options.items())
     code = (
         "import sys\n"
@@ -316,7 +346,7 @@ def spawn_fetch(src: Path, root: Path, **options: object) -> subprocess.Popen[by
         "if __name__ == '__main__':\n"
         "    try:\n"
         f"        run_fetch(FetchOptions([{str(src)!r}], root={str(root)!r}, quiet=True, stats=False{settings},"
-        " net=NetConfig(concurrency=4, allow_nets=('127.0.0.0/8',))))\n"
+        f" net=NetConfig(concurrency={concurrency}, allow_nets=('127.0.0.0/8',))))\n"
         "    except UserError as exc:\n"
         "        print('ERR', exc, file=sys.stderr); sys.exit(2)\n")
     return subprocess.Popen([sys.executable, "-c", code], start_new_session=True,

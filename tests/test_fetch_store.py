@@ -174,3 +174,20 @@ def test_a_seal_after_a_crash_between_carry_and_cleanup_keeps_the_invalid_rows(t
     left = journal_files(tmp_path, SPLIT)
     assert [p.name for p in left] == ["j-1-00000001-i.parquet", "j-1-00000002.parquet"]
     assert pq.read_table(left[0]).column("id").to_pylist() == ["id0000", "id0000"]
+
+
+async def test_journal_window_units_come_back_once_rows_are_on_disk(tmp_path: Path) -> None:
+    journal = store.Journal(tmp_path, flush_rows=100, flush_seconds=60.0, window_size=3, window_rows=2)
+    for _ in range(3):
+        await journal.window.acquire()
+    journal.add(SPLIT, _row(0), saving=True)
+    assert journal.window.locked() and not journal.due()  # one row waits: not worth a file yet
+    journal.add(SPLIT, _row(1), saving=True)
+    journal.add(SPLIT, _row(2))  # an input-invalid row, say: it holds no unit
+    assert journal.pressed() and journal.due()
+    await journal.flush(only_if_due=True)
+    assert journal.window._value == 2 and journal.rows_written == 3 and journal.files_written == 1
+    assert len(journal_files(tmp_path, SPLIT)) == 1
+    journal.add(SPLIT, _row(3), saving=True)
+    journal.flush_now()
+    assert journal.window._value == 3 and not journal.due()

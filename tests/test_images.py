@@ -78,6 +78,32 @@ def test_every_resize_filter_gives_the_same_picture_and_the_filter_is_applied() 
     assert len(set(stored.values())) == len(RESIZE_FILTERS)  # each filter really ran
 
 
+def test_opencv_path_for_upright_rgb_jpegs_matches_pillows(monkeypatch) -> None:
+    """With OpenCV installed, an upright RGB JPEG shrunk with the area filter goes through it
+    (images._area_jpeg); the stored image is Pillow's to within JPEG noise, with every other
+    field the same. Rotated, truncated or other-filter bodies keep to Pillow's path."""
+    pytest.importorskip("cv2", exc_type=ImportError)
+    from imatdata.fetch import images
+
+    photo = rgb((900, 640), seed=5)
+    bodies = {"upright": encode(photo, "jpeg", quality=92),
+              "big": encode(rgb((2100, 1400), seed=6), "jpeg", quality=92),  # DCT-scaled by 2 first
+              "rotated": exif_jpeg(photo, 6)}
+    bodies["truncated"] = bodies["upright"][: len(bodies["upright"]) * 2 // 3]
+    fast = {k: process_image(b, max_side=512) for k, b in bodies.items()}
+    lanczos = process_image(bodies["upright"], max_side=512, resize_filter="lanczos")
+    monkeypatch.setattr(images, "_cv2", False)  # as without OpenCV
+    slow = {k: process_image(b, max_side=512) for k, b in bodies.items()}
+    assert lanczos == process_image(bodies["upright"], max_side=512, resize_filter="lanczos")
+    for k in ("upright", "big"):
+        assert fast[k].image != slow[k].image, k  # each path ran
+        assert {**vars(fast[k]), "image": None} == {**vars(slow[k]), "image": None}, k
+        diff = np.abs(np.asarray(decode(fast[k].image), dtype=np.float32) - np.asarray(decode(slow[k].image)))
+        assert diff.mean() < 2, (k, diff.mean())
+    assert fast["rotated"] == slow["rotated"] and fast["truncated"] == slow["truncated"]
+    assert fast["truncated"].status == "decode_error"
+
+
 def test_max_side_zero_keeps_size_but_still_converts() -> None:
     body = encode(rgb((700, 300)), "png")
     res = process_image(body, max_side=0)

@@ -15,12 +15,15 @@ from imattrain.checkpoint import load_checkpoint, load_model
 from imattrain.cli import app
 from imattrain.data import build_loader
 from imattrain.runtime import evaluate
+from imattrain.selection import noise_margin
 from imattrain.models import build_model
 from imattrain.transforms import build_eval_transform
 from train_shards import make_dataset
 
 runner = CliRunner()
-torch.set_num_threads(1)  # the engine does the same on a CPU device; see TrainConfig.threads
+# Tiny models on a shared 2-core machine run fastest on one thread; runs below get --threads 1
+# too (tests/test_train_threads.py covers the default rule).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["run", "--quiet", "--image-size", "32", *args])
+    result = runner.invoke(app, ["run", "--quiet", "--image-size", "32", "--threads", "1", *args])
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output
@@ -75,8 +78,13 @@ def test_learns_writes_run_files_and_checkpoints_reload(data: Path, tmp_path: Pa
     loader = build_loader(data, "val", transform=build_eval_transform(24), batch_size=16,
                           workers=0, train=False)
     again = evaluate(model, loader, torch.device("cpu"), "none")
-    best_epoch = min(m, key=lambda r: r["ema_top3_err"])
-    assert again["top3_err"] == pytest.approx(best_epoch["ema_top3_err"])
+    # best.pt holds the latest epoch within noise of the lowest val top-3 error
+    # (imattrain.selection), not necessarily the lowest itself.
+    chosen = m[ckpt["epoch"] - 1]
+    assert chosen["best_epoch"] == m[-1]["best_epoch"] == ckpt["epoch"]
+    lowest = min(r["ema_top3_err"] for r in m)
+    assert chosen["ema_top3_err"] <= lowest + noise_margin(lowest, chosen["val_images"]) + 1e-9
+    assert again["top3_err"] == pytest.approx(chosen["ema_top3_err"])
     assert again["top3_err"] == pytest.approx(ckpt["best_top3_err"])
 
     # The saved config reproduces the run's settings through --config.

@@ -77,6 +77,25 @@ def test_predict_answers_every_test_id_in_shard_order(run, tmp_path):
         assert rows[i][1] == " ".join(str(c) for c in np.argsort(-p[i], kind="stable")[:3])
 
 
+def test_a_run_folder_means_its_chosen_checkpoint_and_each_command_says_which(run, tmp_path):
+    best = run["run"] / "checkpoints" / "best.pt"
+    r = invoke("predict", "-c", run["run"], "--data", run["data"], "--out", tmp_path / "s.csv",
+               "--workers", "0", "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["checkpoints"] == [str(best)]
+    (note,) = summary["notes"]
+    assert note in r.output  # also said on stderr, one line
+    assert str(best) in note and "the run's choice" in note and "epoch 2/2" in note
+    assert "val top-3 error" in note  # why: the selection rule's reason
+    r = invoke("eval", "-c", run["ckpt"], "--data", run["data"], "--json", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    (note,) = json.loads(r.stdout)["checkpoint_notes"]
+    assert note.startswith(f"checkpoint {run['ckpt']} (as given): epoch 2/2") and note in r.output
+    r = invoke("eval", "-c", tmp_path, "--data", run["data"])
+    assert r.exit_code == 2 and "without checkpoints/best.pt or last.pt" in r.output
+
+
 def test_ensemble_of_identical_checkpoints_equals_the_single_model(run, tmp_path):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     r1 = invoke("predict", "-c", run["ckpt"], "--data", run["data"], "--out", a, "--probs", tmp_path / "a.pq",

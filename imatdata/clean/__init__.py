@@ -22,8 +22,9 @@ Checks, in order of precedence (a row gets the first reason that applies):
    distinct URLs with at least `--placeholder-min-classes` distinct labels: one image behind
    many unrelated URLs, such as a dead-link picture. Every row of the group goes.
    detail: `urls=<n> classes=<k> rows=<r>`.
-6. `leak` - a train row in a group that also holds a val or test row: the train row goes.
-   detail: `twin=<id> split=<split> distance=<d>` naming the closest held-out image.
+6. `leak` - a train row that is the same picture as a val or test row (exact, or confirmed
+   directly against it: never through a third image): the train row goes.
+   detail: `twin=<id> split=<split> distance=<d>` naming the closest such held-out image.
 7. `label_conflict` - in a group (per split) whose labels disagree, the majority label's
    representative is kept and the other labels' rows go, detail
    `kept=<id> distance=<d> label=<own> majority=<label>`; when the top labels tie, every
@@ -35,14 +36,18 @@ Checks, in order of precedence (a row gets the first reason that applies):
 Duplicate groups. Two rows are *exact* duplicates when the sha256 of the body as served is
 equal (fetch's `sha256` column; when it is missing, the sha256 of the stored bytes). They
 are *near* duplicates when their 64-bit perceptual hashes differ in at most
-`--hash-distance` bits. Groups are the connected components of these links (union-find),
-within and across classes and splits, restricted to rows that passed checks 1-4 (test rows
-take part whenever they could be hashed, flagged or not). `--dedup exact` links exact
-duplicates only; `--dedup off` forms no groups, so checks 5-8 are all off. A group is
-resolved per split for checks 7-8; `leak` is what links train to val/test.
+`--hash-distance` bits (the candidates) *and* a second look confirms them: their signatures
+(luma 8x8 and chroma 4x4 thumbnails from the same decode) agree within what a re-encode,
+resize, small crop, brightness change or overlaid text leaves (`dedup.confirm_pairs`).
+A group is one representative (the largest original) and the rows exact or confirmed
+against it, never a chain of neighbours, within and across classes and splits, restricted
+to rows that passed checks 1-4 (test rows take part whenever they could be hashed, flagged
+or not). `--dedup exact` links exact duplicates only; `--dedup off` forms no groups, so
+checks 5-8 are all off. A group is resolved per split for checks 7-8.
 
-The work is split by concern: `config` (the knobs), `checks` (pass 1: checks 1-4 and the
-perceptual hash, in a process pool), `dedup` (the near-duplicate index), `resolve` (passes
+The work is split by concern: `config` (the knobs), `checks` (pass 1: checks 1-4, the
+perceptual hash and the signature, in a process pool), `dedup` (the near-duplicate index,
+the second look, star groups), `resolve` (passes
 2 and 3: checks 5-8, then the new clean/ built beside the old one and swapped in whole),
 `rows` (what passes 1-3 share), `report` (figures, table, progress bars).
 """
@@ -60,7 +65,7 @@ from imatdata.lazy import exports
 if TYPE_CHECKING:
     from imatdata.clean import resolve
     from imatdata.clean.checks import check_rows as _pass1
-    from imatdata.clean.checks import hash_batch, image_phash, phash_int64
+    from imatdata.clean.checks import hash_batch, image_phash, image_signature, phash_int64
     from imatdata.clean.report import CleanResult, ProgressFn, RichProgress, SplitReport, render_report
     from imatdata.clean.resolve import recover as _recover
     from imatdata.manifest import list_splits, write_table_atomic
@@ -77,6 +82,7 @@ _LAZY = {
     "_recover": "imatdata.clean.resolve:recover",
     "hash_batch": "imatdata.clean.checks:hash_batch",
     "image_phash": "imatdata.clean.checks:image_phash",
+    "image_signature": "imatdata.clean.checks:image_signature",
     "phash_int64": "imatdata.clean.checks:phash_int64",
     "CleanResult": "imatdata.clean.report:CleanResult",
     "RichProgress": "imatdata.clean.report:RichProgress",
@@ -139,9 +145,8 @@ def _clean_locked(root: Path, raw: Path, splits: list[str], cfg: CleanConfig,
     t0 = time.perf_counter()
     rows = _pass1(raw, splits, cfg, progress)
     t1 = time.perf_counter()
-    groups = resolve.find_groups(rows, cfg)
-    for members in groups:
-        resolve.resolve_group(rows, members, cfg)
+    links = resolve.find_links(rows, cfg)
+    resolve.resolve_groups(rows, links, cfg)
     t2 = time.perf_counter()
     with resolve.new_clean_dir(root) as staging:
         reports, dropped, flags = resolve.write_splits(raw, staging, rows, progress)
@@ -152,7 +157,8 @@ def _clean_locked(root: Path, raw: Path, splits: list[str], cfg: CleanConfig,
     return CleanResult(
         root=root, config=cfg, splits=reports, clean_dir=final,
         dropped_path=final / "dropped.parquet", flags_path=final / "flags.parquet",
-        hashed=int(rows.has_hash.sum()), groups=len(groups),
+        hashed=int(rows.has_hash.sum()), groups=len(links.groups),
+        candidate_pairs=links.pairs.candidates, confirmed_pairs=links.pairs.confirmed,
         hash_seconds=t1 - t0, dedup_seconds=t2 - t1, write_seconds=t3 - t2,
     )
 
@@ -167,5 +173,6 @@ __all__ = [
     "clean",
     "hash_batch",
     "image_phash",
+    "image_signature",
     "phash_int64",
 ]

@@ -1,5 +1,5 @@
 """Pass 1 of clean: the per-row checks 1-4 (fetch_failed, broken, undersized, bad_aspect)
-and the perceptual hash of every row that passes them.
+and the perceptual hash and signature of every row that passes them.
 
 The perceptual hash is imagehash's `phash` (DCT of a 32x32 grayscale), packed MSB first as
 `int(str(imagehash.phash(img)), 16)` and stored as a signed int64. For JPEG the image is
@@ -9,6 +9,13 @@ DCT is done at reduced size (2-3x faster than a full decode). The hash can thus 
 `phash` of a full-resolution decode by a few bits (none for most photos; 2, sometimes 4 or
 8, where a DCT coefficient sits at the median phash thresholds on); every hash within imat
 is computed the same way (`image_phash`), so distances between them are consistent.
+
+The same decode gives the *signature* that confirms a phash candidate (`dedup.confirm_pairs`
+compares them): an 8x8 luma thumbnail and 4x4 chroma thumbnails, 66 bytes (layout in
+`dedup`), the luma from the 32x32 resize phash makes anyway. A colour JPEG is drafted as
+YCbCr rather than L: its Y plane is the very plane an L draft gives (so the phash is
+unchanged), and the chroma costs ~10% more decoding time, which computing phash's steps
+here (one resize for phash and signature) rather than through imagehash wins back.
 
 Hashing runs in a process pool (spawn-safe: the worker is a top-level function over plain
 bytes) fed with batches streamed one row group at a time, with at most two batches per
@@ -33,10 +40,12 @@ from typing import Any
 import imagehash
 import numpy as np
 import pyarrow as pa
+import scipy.fftpack
 from PIL import Image
 
 from imatdata import storage
 from imatdata.clean.config import CleanConfig
+from imatdata.clean.dedup import SIG_C_SIDE, SIG_Y_LEVELS, SIG_Y_SIDE
 from imatdata.clean.report import ProgressFn
 from imatdata.clean.rows import Rows, raw_batches
 from imatdata.manifest import list_shards
@@ -44,6 +53,8 @@ from imatdata.procs import safe_path_children
 
 # JPEG draft target for hashing: phash looks at 32x32, so 64 px leaves margin for resampling.
 HASH_DRAFT_SIDE = 64
+PHASH_SIDE = 32
+_PHASH_FILTER = Image.Resampling.LANCZOS  # what imagehash.phash resizes with
 PASS1_COLUMNS = ["id", "label", "url", "status", "error", "image", "width", "height",
                  "orig_width", "orig_height", "orig_bytes", "sha256"]
 
@@ -69,15 +80,48 @@ def _decode_for_hash(data: bytes) -> tuple[Image.Image, int, int]:
         img = Image.open(io.BytesIO(data))
         width, height = img.size
         if img.format == "JPEG":
-            img.draft("L", (HASH_DRAFT_SIDE, HASH_DRAFT_SIDE))
+            # A colour JPEG comes out as YCbCr, a grey one stays L, CMYK stays CMYK.
+            img.draft("YCbCr", (HASH_DRAFT_SIDE, HASH_DRAFT_SIDE))
         img.load()
     return img, width, height
+
+
+def _look(img: Image.Image) -> tuple[int, bytes]:
+    """The phash and the signature of a decoded image."""
+    if img.mode != "YCbCr":
+        # A grey, CMYK or non-JPEG image: imagehash converts it to L for the phash as it does
+        # for any input; the signature wants YCbCr.
+        ycc = img.convert("YCbCr")
+        return phash_int64(img), _signature(ycc.getchannel(0).resize((PHASH_SIDE, PHASH_SIDE), _PHASH_FILTER), ycc)
+    # imagehash.phash's own steps on the Y plane (bit for bit its result), done here so that
+    # the signature reuses its 32x32 resize.
+    y32 = img.getchannel(0).resize((PHASH_SIDE, PHASH_SIDE), _PHASH_FILTER)
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(np.asarray(y32), axis=0), axis=1)[:8, :8]
+    bits = np.packbits((dct > np.median(dct)).ravel())
+    return int.from_bytes(bits.tobytes(), "big", signed=True), _signature(y32, img)
+
+
+def _signature(y32: Image.Image, ycc: Image.Image) -> bytes:
+    """The signature (layout in `dedup`): luma 8x8 (cell means of phash's 32x32) at 4 bits
+    between its min and max, which lead, one byte each; then Cb and Cr 4x4 at 8 bits."""
+    y = np.asarray(y32.reduce(PHASH_SIDE // SIG_Y_SIDE), np.int32).ravel()
+    lo, hi = int(y.min()), int(y.max())
+    span = max(hi - lo, 1)
+    levels = (((y - lo) * (SIG_Y_LEVELS - 1) + span // 2) // span).astype(np.uint8)
+    chroma = np.asarray(ycc.resize((SIG_C_SIDE, SIG_C_SIDE), Image.Resampling.BOX))[..., 1:]
+    return bytes([lo, hi]) + ((levels[0::2] << 4) | levels[1::2]).tobytes() + np.moveaxis(chroma, 2, 0).tobytes()
 
 
 def image_phash(data: bytes) -> int:
     """The phash clean stores for these image bytes (raises if they do not decode)."""
     img, _, _ = _decode_for_hash(data)
-    return phash_int64(img)
+    return _look(img)[0]
+
+
+def image_signature(data: bytes) -> bytes:
+    """The signature clean compares for these image bytes (raises if they do not decode)."""
+    img, _, _ = _decode_for_hash(data)
+    return _look(img)[1]
 
 
 @dataclass(frozen=True)
@@ -87,6 +131,7 @@ class HashedRow:
     height: int | None
     error: str | None  # why the bytes are broken
     sha256: bytes | None  # digest of the stored bytes, when asked for
+    signature: bytes | None = None  # what confirms a phash match (`image_signature`)
 
 
 def hash_batch(images: Sequence[bytes | None], want_sha: Sequence[bool]) -> list[HashedRow]:
@@ -100,11 +145,11 @@ def _hash_one(data: bytes | None, want_sha: bool) -> HashedRow:
     digest = hashlib.sha256(data).digest() if want_sha else None
     try:
         img, width, height = _decode_for_hash(data)
-        ph = phash_int64(img)
+        ph, signature = _look(img)
     except Exception as exc:  # any decoder failure is the finding, not a crash
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return HashedRow(None, None, None, f"does not decode: {msg}", digest)
-    return HashedRow(ph, width, height, None, digest)
+    return HashedRow(ph, width, height, None, digest, signature)
 
 
 def _ignore_sigint() -> None:
@@ -136,7 +181,9 @@ def _check_decoded(rows: Rows, g: int, meta: dict[str, Any], hashed: HashedRow) 
         rows.set_reason(g, "broken", hashed.error)
         return False
     assert hashed.phash is not None and hashed.width is not None and hashed.height is not None
+    assert hashed.signature is not None
     rows.phash[g] = hashed.phash
+    rows.signature[g] = np.frombuffer(hashed.signature, np.uint8)
     rows.has_hash[g] = True
     sw, sh = meta["width"], meta["height"]
     if (sw is not None and sw != hashed.width) or (sh is not None and sh != hashed.height):

@@ -28,7 +28,8 @@ class CleanConfig:
     dedup: str = opt("near", "near (exact + perceptual-hash duplicates), exact (identical bytes as "
                              "served) or off (no duplicate, placeholder, leak or label-conflict "
                              "checks).", metavar="|".join(DEDUP_MODES).upper())
-    hash_distance: int = opt(4, "Near duplicates: phash Hamming distance at most this many bits.")
+    hash_distance: int = opt(4, "Near-duplicate candidates: phash Hamming distance at most this many "
+                                "bits (each is then confirmed by a second look; 10 also finds crops).")
     placeholder_min_urls: int = opt(10, "A duplicate group with at least this many URLs...")
     placeholder_min_classes: int = opt(3, "...over at least this many classes is a placeholder: "
                                           "all of it is dropped.")

@@ -35,6 +35,8 @@ class CleanResult:
     flags_path: Path
     hashed: int = 0
     groups: int = 0
+    candidate_pairs: int = 0  # phash neighbours (between distinct pictures) the search found
+    confirmed_pairs: int = 0  # of them, those the second look confirmed
     hash_seconds: float = 0.0
     dedup_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -73,7 +75,8 @@ def render_report(result: CleanResult, console: Any) -> None:
     console.print(out)
     console.print(
         f"hashed {result.hashed:,} images in {result.hash_seconds:.1f} s, "
-        f"{result.groups:,} duplicate groups in {result.dedup_seconds:.1f} s, "
+        f"{result.groups:,} duplicate groups in {result.dedup_seconds:.1f} s "
+        f"({result.confirmed_pairs:,} of {result.candidate_pairs:,} phash candidate pairs confirmed), "
         f"written in {result.write_seconds:.1f} s (dedup={result.config.dedup}, "
         f"distance {result.config.hash_distance})"
     )

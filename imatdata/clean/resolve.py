@@ -41,44 +41,141 @@ _WRITE_BATCH_ROWS = 512
 # --- pass 2: groups and their resolution ----------------------------------------------------
 
 
-def find_groups(rows: Rows, cfg: CleanConfig) -> list[np.ndarray]:
-    """Duplicate groups (global row indices) among rows that passed checks 1-4."""
+@dataclass
+class Nodes:
+    """Rows that are one picture for sure: the same sha256 or, with `--dedup near`, the same
+    phash and signature (the second look could only confirm them). Node k is
+    `rows[starts[k]:starts[k + 1]]`, ascending; its rows share one phash and signature."""
+
+    rows: np.ndarray
+    starts: np.ndarray
+
+    def of(self, k: int) -> np.ndarray:
+        return self.rows[self.starts[k]:self.starts[k + 1]]
+
+    @property
+    def lead(self) -> np.ndarray:
+        """Each node's first row."""
+        return self.rows[self.starts[:-1]]
+
+    def any(self, row_mask: np.ndarray) -> np.ndarray:
+        """Per node, whether any of its rows is set in `row_mask` (indexed by row)."""
+        return np.logical_or.reduceat(row_mask[self.rows], self.starts[:-1]) if self.rows.size else np.zeros(0, bool)
+
+
+@dataclass
+class Links:
+    """The duplicate structure among the rows that take part in grouping (global indices):
+    nodes, the links between nodes that the second look confirmed, and the groups. A group is
+    a star of nodes (`dedup.star_groups`: a representative and the nodes confirmed against it,
+    never a neighbour's neighbour) or a lone node of several rows."""
+
+    nodes: Nodes = field(default_factory=lambda: Nodes(np.empty(0, np.int64), np.zeros(1, np.int64)))
+    i: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # confirmed node links
+    j: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    groups: list[np.ndarray] = field(default_factory=list)  # rows, the representative's first
+    pairs: dedup.PairCount = field(default_factory=dedup.PairCount)
+    node_of: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # by row; -1: none
+    link_set: set[tuple[int, int]] = field(default_factory=set)  # (i, j) with i < j
+
+    def linked(self, a: int, b: int) -> bool:
+        """Whether rows `a` and `b` are one picture without a third: one node, or nodes whose
+        link the second look confirmed."""
+        x, y = int(self.node_of[a]), int(self.node_of[b])
+        return x == y or (min(x, y), max(x, y)) in self.link_set
+
+
+def find_links(rows: Rows, cfg: CleanConfig) -> Links:
+    """Nodes, confirmed links and groups among the rows that passed checks 1-4."""
     if cfg.dedup == "off":
-        return []
+        return Links()
     is_test = np.zeros(len(rows.splits), bool)
     if TEST_SPLIT in rows.splits:
         is_test[rows.splits.index(TEST_SPLIT)] = True
     # Test rows take part even when flagged: a train row that duplicates one still leaks.
     pool = np.flatnonzero(rows.has_hash & ((rows.reason == KEEP) | is_test[rows.split_code]))
     if pool.size < 2:
-        return []
+        return Links()
+    links = Links(nodes=_nodes(rows, pool, near=cfg.dedup == "near"))
+    lead = links.nodes.lead
+    links.node_of = np.full(rows.reason.size, -1, np.int64)
+    links.node_of[links.nodes.rows] = np.repeat(np.arange(lead.size), np.diff(links.nodes.starts))
+    if cfg.dedup == "near":
+        links.i, links.j, _ = dedup.confirmed_pairs(rows.phash[lead], rows.signature[lead], cfg.hash_distance,
+                                                    count=links.pairs)
+        links.link_set = set(zip(links.i.tolist(), links.j.tolist()))
+    # The representative is the node the keeper would come from: largest original, then
+    # the larger body as served, then input order.
+    rank = np.empty(lead.size, np.int64)
+    rank[np.lexsort((lead, -rows.served_bytes[lead], -rows.area[lead]))] = np.arange(lead.size)
+    stars = dedup.star_groups(lead.size, links.i, links.j, rank)
+    in_star = np.zeros(lead.size, bool)
+    for star in stars:
+        in_star[star] = True
+    links.groups = [np.concatenate([links.nodes.of(k) for k in star.tolist()]) for star in stars]
+    lone = np.flatnonzero((np.diff(links.nodes.starts) > 1) & ~in_star)
+    links.groups += [links.nodes.of(int(k)) for k in lone]
+    return links
+
+
+def _nodes(rows: Rows, pool: np.ndarray, *, near: bool) -> Nodes:
     uf = dedup.UnionFind(pool.size)
     uf.union(*dedup.equal_value_pairs(rows.sha[pool]))
-    if cfg.dedup == "near":
-        dedup.near_groups(rows.phash[pool], cfg.hash_distance, uf=uf)
-    return [pool[g] for g in dedup.groups_from_roots(uf.roots())]
+    if near:
+        look = np.concatenate([rows.phash[pool].view(np.uint8).reshape(-1, 8), rows.signature[pool]], axis=1)
+        uf.union(*dedup.equal_value_pairs(look.view(f"V{look.shape[1]}").ravel()))
+    roots = uf.roots()
+    order = np.argsort(roots, kind="stable")
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(roots[order])) + 1, [pool.size]])
+    return Nodes(rows=pool[order], starts=starts.astype(np.int64))
 
 
 def _distance(rows: Rows, a: int, b: int) -> int:
     return int(dedup.hamming(rows.phash[a], rows.phash[b]))
 
 
-def resolve_group(rows: Rows, members: np.ndarray, cfg: CleanConfig) -> None:
-    """Assign checks 5-8 to the members of one duplicate group."""
-    if _is_placeholder(rows, members, cfg):
-        return
-    by_split: dict[str, list[int]] = {}
-    for g in members.tolist():
-        by_split.setdefault(rows.split_of(g), []).append(g)
-    held_out = [g for s in HELD_OUT_SPLITS for g in by_split.get(s, [])]
-    if held_out and TRAIN_SPLIT in by_split:
-        for g in by_split.pop(TRAIN_SPLIT):
-            twin = min(held_out, key=lambda h: (_distance(rows, g, h), h))
+def resolve_groups(rows: Rows, links: Links, cfg: CleanConfig) -> None:
+    """Checks 5-8 over every group, in order of precedence: placeholders, leaks, then each
+    split's part of each group (label_conflict, duplicate / near_duplicate)."""
+    placeholder = [_is_placeholder(rows, members, cfg) for members in links.groups]
+    leaked = _mark_leaks(rows, links)
+    for members, gone in zip(links.groups, placeholder):
+        if gone:
+            continue
+        by_split: dict[str, list[int]] = {}
+        for g in members.tolist():
+            if g not in leaked:
+                by_split.setdefault(rows.split_of(g), []).append(g)
+        for split_members in by_split.values():
+            if len(split_members) > 1:
+                _resolve_split_group(rows, split_members, links)
+
+
+def _mark_leaks(rows: Rows, links: Links) -> set[int]:
+    """Check 6: a train row goes when it is the same picture as a val or test row: in its own
+    node, or in a node confirmed against its node (never through a third). Returns those rows."""
+    if TRAIN_SPLIT not in rows.splits or links.nodes.rows.size == 0:
+        return set()
+    held_code = [rows.splits.index(s) for s in HELD_OUT_SPLITS if s in rows.splits]
+    is_held = np.isin(rows.split_code, held_code)
+    is_train = rows.split_code == rows.splits.index(TRAIN_SPLIT)
+    has_held, has_train = links.nodes.any(is_held), links.nodes.any(is_train)
+    partners: dict[int, list[int]] = {int(k): [int(k)] for k in np.flatnonzero(has_held & has_train)}
+    for a, b in zip(links.i.tolist(), links.j.tolist()):
+        for x, y in ((a, b), (b, a)):
+            if has_train[x] and has_held[y]:
+                partners.setdefault(x, []).append(y)
+    leaked: set[int] = set()
+    for k, twin_nodes in partners.items():
+        twins = [int(h) for y in twin_nodes for h in links.nodes.of(y) if is_held[h]]
+        for g in links.nodes.of(k).tolist():
+            if not is_train[g] or rows.reason[g] != KEEP:
+                continue
+            twin = min(twins, key=lambda h: (_distance(rows, g, h), h))
             rows.set_reason(g, "leak", f"twin={rows.id_of(twin)} split={rows.split_of(twin)} "
                                        f"distance={_distance(rows, g, twin)}")
-    for split_members in by_split.values():
-        if len(split_members) > 1:
-            _resolve_split_group(rows, split_members)
+            leaked.add(g)
+    return leaked
 
 
 def _is_placeholder(rows: Rows, members: np.ndarray, cfg: CleanConfig) -> bool:
@@ -93,8 +190,10 @@ def _is_placeholder(rows: Rows, members: np.ndarray, cfg: CleanConfig) -> bool:
     return True
 
 
-def _resolve_split_group(rows: Rows, members: list[int]) -> None:
-    """Checks 7-8 within one split's part of a duplicate group."""
+def _resolve_split_group(rows: Rows, members: list[int], links: Links) -> None:
+    """Checks 7-8 within one split's part of a duplicate group. A row goes only for the kept
+    row it is linked to itself: when the kept row is not the group's representative, a row
+    linked to the representative alone stays (the two were never compared)."""
     counts = Counter(rows.label_of(g) for g in members)
     ranked = counts.most_common()
     top = ranked[0][1]
@@ -110,7 +209,7 @@ def _resolve_split_group(rows: Rows, members: list[int]) -> None:
     keep = max(candidates, key=lambda g: (int(rows.area[g]), int(rows.served_bytes[g]), -g))
     kept_id = rows.id_of(keep)
     for g in members:
-        if g == keep:
+        if g == keep or not links.linked(g, keep):
             continue
         d = _distance(rows, g, keep)
         if rows.label_of(g) != majority:

@@ -171,6 +171,10 @@ class FetchOptions:
                              metavar="FILTER")
     journal_rows: int = 512
     journal_seconds: float = 1.0
+    # A kill -9 repeats at most --concurrency + this many requests whose answer had come (or
+    # was coming): requests out, bodies waiting for the image workers and rows waiting for
+    # the journal together never pass it (`store.Journal`'s window). Shared out between loops.
+    resume_slack: int = 64
     # Rows waiting for the journal hold their stored images: flush before they pass this
     # (with --max-side 0 an image may be as large as its body).
     journal_bytes: int = 64 * 1024 * 1024

@@ -13,7 +13,11 @@ What it guarantees, per URL:
   addresses); a URL that cannot be parsed is `invalid`, never retried;
 - retries with exponential backoff and full jitter on timeouts, connection errors, 5xx,
   408 and 429, honouring Retry-After; a host that keeps failing is paused as a whole and
-  finally given up on, so one dead CDN cannot eat the run.
+  finally given up on, so one dead CDN cannot eat the run;
+- given a `window` (a semaphore), a URL takes one of its units before each attempt and
+  keeps it on the final outcome (`Download.saving`) for the caller to give back once the
+  result is safe on disk: URLs answered but not yet saved stay within the window, which is
+  what a killed run repeats. A URL waiting for a retry holds none.
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class Download:
     error: str | None = None
     url: str | None = None  # the last hop's URL
     hold: BodyHold | None = None
+    # The Fetcher's window unit this outcome holds until the caller saves it (None: none held).
+    saving: asyncio.Semaphore | None = None
 
     def release(self) -> None:
         """Drop the body and give its bytes back to the budget (idempotent)."""
@@ -308,7 +314,7 @@ class GuardedResolver(AbstractResolver):
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
+        results = _localhost(host, port, family) or await self._inner.resolve(host, port, family)
         allowed = [r for r in results if self._policy.permits(r["host"])]
         if not allowed:
             raise BlockedAddress(host, [r["host"] for r in results])
@@ -316,6 +322,21 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def _localhost(host: str, port: int, family: int) -> list[ResolveResult]:
+    """Loopback for `localhost`, `localhost.` and names under `.localhost` (RFC 6761, as
+    browsers do), without asking DNS, which may not know the trailing-dot form or may answer
+    otherwise; [] for every other name."""
+    name = host.rstrip(".").lower()
+    if name != "localhost" and not name.endswith(".localhost"):
+        return []
+    found: list[ResolveResult] = []
+    for fam, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        if family in (socket.AF_UNSPEC, fam):
+            found.append({"hostname": host, "host": address, "port": port, "family": fam, "proto": 0,
+                          "flags": socket.AI_NUMERICHOST})
+    return found
 
 
 # --- URL hosts as browsers read them (WHATWG URL standard, host parsing) -------------------------
@@ -498,8 +519,11 @@ class FetcherStats:
 class Fetcher:
     """One aiohttp session for a whole run. Use as `async with Fetcher(cfg) as f: await f.fetch(url)`."""
 
-    def __init__(self, cfg: NetConfig, *, seed: int | None = None, budget: ByteBudget | None = None) -> None:
+    def __init__(self, cfg: NetConfig, *, seed: int | None = None, budget: ByteBudget | None = None,
+                 window: asyncio.Semaphore | None = None) -> None:
         self.cfg = cfg
+        # URLs with a request out or an answer not yet saved by the caller (see the module doc).
+        self._window = window
         self.policy = AddressPolicy.from_config(cfg)
         self.stats = FetcherStats()
         # With a budget, ok bodies come with a hold the caller must `release()`.
@@ -588,8 +612,16 @@ class Fetcher:
                 # The pause may have started while this row queued for a slot.
                 if host.paused_until > time.monotonic() or host.given_up is not None:
                     continue
-                async with self._global:
-                    outcome = await self._attempt(url)
+                # Taken inside the host slot: rows queued behind a busy host hold none.
+                if self._window is not None:
+                    await self._window.acquire()
+                try:
+                    async with self._global:
+                        outcome = await self._attempt(url)
+                except BaseException:
+                    if self._window is not None:
+                        self._window.release()
+                    raise
             if outcome.sent:
                 attempts += 1
                 self.stats.requests += 1
@@ -597,7 +629,10 @@ class Fetcher:
             last = outcome.result
             self._after_attempt(host_name, host, outcome)
             if not outcome.retry or attempts > self.cfg.retries:
+                last.saving = self._window  # the caller gives it back once the row is saved
                 return last
+            if self._window is not None:
+                self._window.release()  # a row sleeping before its retry holds no unit
             self.stats.retries += 1
             if outcome.retry_after is not None:
                 delay = min(outcome.retry_after, self.cfg.retry_after_cap)

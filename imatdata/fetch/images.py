@@ -1,9 +1,9 @@
 """Image work as pure functions over bytes: sniff, bomb check, decode, upright, RGB, resize.
 
 This is the CPU-heavy half of fetch and runs in worker processes, so it imports only Pillow,
-the standard library and fetch's `config` (itself stdlib-only): a spawned worker stays small.
-Its entry point, `process_image`, is a picklable top-level function returning a plain
-dataclass.
+the standard library and fetch's `config` (itself stdlib-only), and OpenCV when an image takes
+its fast path (`_area_jpeg`): a spawned worker stays small. Its entry point, `process_image`,
+is a picklable top-level function returning a plain dataclass.
 """
 
 from __future__ import annotations
@@ -241,6 +241,12 @@ def process_image(body: bytes, max_side: int = 512, max_pixels: int = DEFAULT_MA
                 # goes below the requested size, so the resize below still does the rest.
                 img.draft("RGB", target)
             cost = decode_cost(img, kind, (width, height))
+            if (is_jpeg and source_mode == "RGB" and resize_filter == "area" and target != (width, height)
+                    and cost <= HEAVY_DECODE_BYTES and _orientation(img) == 1):
+                fast = _area_jpeg(body, img.decoderconfig[0] if img.decoderconfig else 1, target)  # draft's scale
+                if fast is not None:
+                    return ImageResult("ok", None, fast, "jpeg", target[0], target[1], orig_width=width,
+                                       orig_height=height, **base)
             if cost > max_decode_bytes:
                 return ImageResult("too_large", f"decoding this {width}x{height} {source_mode} {kind} needs "
                                    f"{_mib(cost)} MiB, over the limit of {_mib(max_decode_bytes)} MiB per image",
@@ -283,6 +289,55 @@ def _decode(img: Image.Image, kind: str, body: bytes, base: dict[str, Any], full
     except Exception as exc:
         return ImageResult("decode_error", f"cannot convert {kind} ({_first_line(exc)})", **base)
     return ImageResult("ok", None, data, "jpeg", rgb.width, rgb.height, **base)
+
+
+def _area_jpeg(body: bytes, reduce: int, size: tuple[int, int]) -> bytes | None:
+    """The common case of fetch, an upright RGB JPEG to shrink with the area filter, through
+    OpenCV, for about two thirds of Pillow's CPU (on 600-900 px photos going to 512 px: 2.9 ms
+    instead of 4.1). None when OpenCV is missing or declines: the caller takes the Pillow path,
+    which also gives any error its status.
+
+    libjpeg-turbo decodes it (at 1/`reduce` by DCT scaling, as Pillow's draft does); the area
+    filter is a bilinear enlargement to an integer multiple m >= 2 of `size`, then m x m box
+    averaging (OpenCV's fast integer INTER_AREA): each output pixel averages the source under
+    it, as Pillow's BOX does (the two agree within ~43 dB PSNR), where OpenCV's own INTER_AREA
+    at a fractional scale costs more than Pillow. Encoded at JPEG_QUALITY, 4:2:0, as Pillow.
+    A body not ending in the EOI marker (truncated, or trailing bytes) is left to Pillow,
+    which tells truncation (decode_error) from what it can read; OpenCV would fill in grey."""
+    cv2 = _opencv()
+    if cv2 is None or not body.endswith(b"\xff\xd9") or reduce not in _REDUCED:
+        return None
+    import numpy as np
+
+    arr = cv2.imdecode(np.frombuffer(body, np.uint8), _REDUCED[reduce] | cv2.IMREAD_IGNORE_ORIENTATION)
+    if arr is None or arr.ndim != 3:
+        return None
+    w, h = size
+    m = max(2, _ceil_div(arr.shape[1], w), _ceil_div(arr.shape[0], h))
+    arr = cv2.resize(arr, (m * w, m * h), interpolation=cv2.INTER_LINEAR)
+    arr = cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", arr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    return data.tobytes() if ok else None
+
+
+_REDUCED: dict[int, int] = {}
+_cv2: Any = None
+
+
+def _opencv() -> Any:
+    """cv2, set up for a worker (one thread: the pool has a process per core), or None."""
+    global _cv2
+    if _cv2 is None:
+        try:
+            import cv2
+        except ImportError:
+            _cv2 = False
+        else:
+            cv2.setNumThreads(1)
+            _REDUCED.update({1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                             8: cv2.IMREAD_REDUCED_COLOR_8})
+            _cv2 = cv2
+    return _cv2 or None
 
 
 def process_images(bodies: list[bytes], max_side: int = 512, max_pixels: int = DEFAULT_MAX_PIXELS,

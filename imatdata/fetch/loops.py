@@ -80,7 +80,9 @@ class Run:
         k, n = self.part
         opts = self.opts
         return Journal(self.root, opts.journal_rows, opts.journal_seconds, run=self.run_id,
-                       tag=f"{k:03d}-" if n > 1 else "", flush_bytes=opts.journal_bytes)
+                       tag=f"{k:03d}-" if n > 1 else "", flush_bytes=opts.journal_bytes,
+                       window_size=opts.net.concurrency + opts.resume_slack,
+                       window_rows=max(1, opts.resume_slack // 2))
 
 
 # --- rows ---------------------------------------------------------------------------------------
@@ -158,6 +160,8 @@ class _Loop:
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
                 if self.journal.due():
+                    # Waits for a flush under way too: no new records start while the disk
+                    # lags, so a journal file stays near its flush size.
                     await self.journal.flush()
         if self.tasks:
             await asyncio.gather(*self.tasks)
@@ -173,10 +177,10 @@ class _Loop:
             else:
                 row = failure_row(split, rec, key, d)
             d.release()  # the row is built: the body's bytes go back now, not after the flush below
-            self.journal.add(split, row)
+            self.journal.add(split, row, saving=d.saving is not None)
+            d.saving = None  # the journal gives the unit back once the row is on disk
             self.run.counters.count(split, row["status"])
-            if self.journal.heavy():
-                await self.journal.flush()
+            await self.journal.flush(only_if_due=True)
         except Exception as exc:  # a bug, not a network problem: stop the run, keep the journal
             self.failures.append(exc)
         finally:
@@ -188,8 +192,7 @@ class _Loop:
         while True:
             await asyncio.sleep(0.25)
             self.report()
-            if self.journal.due():
-                await self.journal.flush()
+            await self.journal.flush(only_if_due=True)
 
     def report(self) -> None:
         self.progress.update(self.run.counters)
@@ -218,7 +221,7 @@ async def _fetch_all(run: Run, on_tick: OnTick | None = None) -> dict[str, int]:
         loop = _Loop(run, journal, pool, progress, on_tick)
         tick = asyncio.create_task(loop.ticker())
         try:
-            async with Fetcher(opts.net, budget=budget) as fetcher:
+            async with Fetcher(opts.net, budget=budget, window=journal.window) as fetcher:
                 await loop.feed(fetcher)
                 stats = fetcher.stats
             await journal.flush()
@@ -275,12 +278,14 @@ def _share(total: int, k: int, parts: int) -> int:
 
 def _loop_share(run: Run, k: int, loops: int) -> Run:
     """Loop k's `Run`: its records, and its share of --concurrency, --per-host, --memory, the
-    pending bound and the image workers, so every cap still holds for the run as a whole."""
+    pending bound, the resume slack and the image workers, so every cap still holds for the
+    run as a whole."""
     opts = run.opts
     net = replace(opts.net, concurrency=_share(opts.net.concurrency, k, loops),
                   per_host=_share(opts.net.per_host, k, loops), memory=_share(opts.net.memory, k, loops))
     child = replace(opts, net=net, workers=_share(run.workers, k, loops), loops=1, quiet=True,
-                    pending=max(1, _share(run.pending, k, loops)), stats=False)
+                    pending=max(1, _share(run.pending, k, loops)), stats=False,
+                    resume_slack=_share(opts.resume_slack, k, loops))
     return replace(run, opts=child, part=(k, loops), counters=Counters())
 
 
@@ -294,7 +299,7 @@ def _fetch_parallel(run: Run, loops: int) -> dict[str, int]:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # no forked copies of this process's threads
-    shared = ctx.Array("q", 3 * loops, lock=False)  # done, ok, failed per loop
+    shared = ctx.Array("q", _SHARED * loops, lock=False)  # done, ok, failed, started per loop
     procs, conns = [], []
     try:
         for k in range(loops):
@@ -308,7 +313,7 @@ def _fetch_parallel(run: Run, loops: int) -> dict[str, int]:
             conns.append(recv)
         results = _watch_loops(procs, conns, shared, Progress(run.total, run.opts.quiet))
     except BaseException:
-        _stop_loops(procs)
+        _stop_loops(procs, [bool(shared[_SHARED * k + 3]) for k in range(len(procs))])
         raise
     for proc in procs:
         proc.join()
@@ -317,6 +322,9 @@ def _fetch_parallel(run: Run, loops: int) -> dict[str, int]:
         run.counters.merge(part)
         stats.update(part_stats)
     return dict(stats)
+
+
+_SHARED = 4  # slots per loop in the shared array: done, ok, failed, started
 
 
 def _watch_loops(procs: list[Any], conns: list[Any], shared: Any, progress: Progress) -> dict[int, tuple[Any, ...]]:
@@ -337,7 +345,7 @@ def _watch_loops(procs: list[Any], conns: list[Any], shared: Any, progress: Prog
                 if results[k][0] != "done":
                     _raise_for(results[k])
             view = Counters()
-            view.done, view.ok, view.failed = (sum(shared[i::3]) for i in range(3))
+            view.done, view.ok, view.failed = (sum(shared[i::_SHARED]) for i in range(3))
             progress.update(view)
     return results
 
@@ -354,11 +362,16 @@ def _raise_for(result: tuple[Any, ...]) -> None:
     raise RuntimeError(f"a fetch loop failed: {result[1]} (its traceback is printed above)")
 
 
-def _stop_loops(procs: list[Any]) -> None:
-    """Interrupt the loops still running (each flushes its journal), then reap them."""
-    for proc in procs:
+def _stop_loops(procs: list[Any], started: list[bool]) -> None:
+    """Interrupt the loops still running (each flushes its journal), then reap them. A loop
+    still starting (importing, in spawn's bootstrap) holds no rows: it is killed, not
+    interrupted, which would print a traceback from the middle of an import."""
+    for proc, running in zip(procs, started):
         if proc.is_alive():
-            os.kill(proc.pid, signal.SIGINT)
+            if running:
+                os.kill(proc.pid, signal.SIGINT)
+            else:
+                proc.kill()
     deadline = time.monotonic() + 30
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
@@ -370,9 +383,10 @@ def _stop_loops(procs: list[Any]) -> None:
 def _loop_process(run: Run, shared: Any, conn: Any, parent: int) -> None:
     """One loop's process: its share of the records, reported through `shared` and `conn`."""
     k = run.part[0]
+    shared[_SHARED * k + 3] = 1  # from here on an interrupt flushes the journal (_stop_loops)
 
     def tick(c: Counters) -> None:
-        shared[3 * k:3 * k + 3] = [c.done, c.ok, c.failed]
+        shared[_SHARED * k:_SHARED * k + 3] = [c.done, c.ok, c.failed]
         if os.getppid() != parent:  # the fetch was killed (kill -9): keep what is done, stop
             os.kill(os.getpid(), signal.SIGINT)
 

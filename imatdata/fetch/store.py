@@ -195,14 +195,24 @@ def new_run_id() -> str:
 
 class Journal:
     """Append-only rows of one run: small Parquet files, each written whole then renamed, so a
-    crash leaves complete files only (at most the unflushed rows are lost)."""
+    crash leaves complete files only (at most the unflushed rows are lost).
+
+    With a `window` (`window_size` units, see `download.Fetcher`), every row added with
+    `saving=True` holds one unit until its file is on disk. The fetcher takes a unit before a
+    request, so the URLs whose answers a crash would lose (requests out, bodies waiting for
+    the image workers, rows waiting here) never outnumber the window. When the window runs
+    out, rows are flushed as soon as `window_rows` of them wait, so the fetch never stalls
+    on it for long."""
 
     def __init__(self, root: Path, flush_rows: int, flush_seconds: float, run: str | None = None,
-                 tag: str = "", flush_bytes: int = 64 * 1024 * 1024) -> None:
+                 tag: str = "", flush_bytes: int = 64 * 1024 * 1024, window_size: int = 0,
+                 window_rows: int = 32) -> None:
         self.root = root
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self.flush_bytes = flush_bytes
+        self.window = asyncio.Semaphore(window_size) if window_size > 0 else None
+        self.window_rows = max(1, window_rows)
         # Names sort in the order rows were written (newest row per record wins): the run's
         # start time, then (several loops) the loop, then a sequence number.
         self._run = run or new_run_id()
@@ -210,45 +220,76 @@ class Journal:
         self._seq = 0
         self._buffers: dict[str, list[dict[str, Any]]] = {}
         self._buffered = 0
+        self._saving = 0  # window units held by the buffered rows
         self._bytes = 0  # stored images in the buffered rows
         self._last_flush = time.monotonic()
         self._lock = asyncio.Lock()
+        self._flushing = False
         self.rows_written = 0
+        self.files_written = 0
 
-    def add(self, split: str, row: dict[str, Any]) -> None:
+    def add(self, split: str, row: dict[str, Any], saving: bool = False) -> None:
+        """Buffer `row`; `saving`: it holds a window unit, given back once it is on disk."""
         self._buffers.setdefault(split, []).append(row)
         self._buffered += 1
+        self._saving += saving
         self._bytes += len(row.get("image") or b"")
 
     def due(self) -> bool:
-        return self._buffered >= self.flush_rows or self.heavy() or (
+        return self._buffered >= self.flush_rows or self.heavy() or self.pressed() or (
             self._buffered > 0 and time.monotonic() - self._last_flush >= self.flush_seconds)
 
     def heavy(self) -> bool:
         """The buffered rows hold images enough to flush now rather than at the next tick."""
         return self._bytes >= self.flush_bytes
 
-    async def flush(self) -> None:
+    def pressed(self) -> bool:
+        """The window is spent and enough of its units wait here to be worth a file."""
+        return self.window is not None and self.window.locked() and self._saving >= self.window_rows
+
+    async def flush(self, only_if_due: bool = False) -> None:
+        """Write what is buffered (`only_if_due`: only if `due()`, and not while another flush
+        is writing; rows that come meanwhile are written next, while they keep it due)."""
+        if only_if_due and (self._flushing or not self.due()):
+            return
         async with self._lock:
-            buffers = self._take()
-            self._last_flush = time.monotonic()
-            for split, rows in buffers.items():
-                if rows:
-                    path = self._next_path(split)
-                    # Encoding and fsync happen off the event loop so downloads keep moving.
-                    await asyncio.to_thread(_write_journal_file, rows, path)
-                    self.rows_written += len(rows)
+            self._flushing = True
+            try:
+                first = True
+                while self._buffered and (first or self.due()):
+                    first = False
+                    buffers, saving = self._take()
+                    self._last_flush = time.monotonic()
+                    for split, rows in buffers.items():
+                        if rows:
+                            path = self._next_path(split)
+                            # Encoding and fsync happen off the event loop so downloads keep moving.
+                            await asyncio.to_thread(_write_journal_file, rows, path)
+                            self.rows_written += len(rows)
+                            self.files_written += 1
+                    self._give_back(saving)
+            finally:
+                self._flushing = False
 
     def flush_now(self) -> None:
         """Synchronous flush for the interrupt path, when the loop is going away."""
-        for split, rows in self._take().items():
+        buffers, saving = self._take()
+        for split, rows in buffers.items():
             if rows:
                 _write_journal_file(rows, self._next_path(split))
                 self.rows_written += len(rows)
+                self.files_written += 1
+        self._give_back(saving)
 
-    def _take(self) -> dict[str, list[dict[str, Any]]]:
-        buffers, self._buffers, self._buffered, self._bytes = self._buffers, {}, 0, 0
-        return buffers
+    def _give_back(self, units: int) -> None:
+        if self.window is not None:
+            for _ in range(units):
+                self.window.release()
+
+    def _take(self) -> tuple[dict[str, list[dict[str, Any]]], int]:
+        buffers, saving = self._buffers, self._saving
+        self._buffers, self._buffered, self._bytes, self._saving = {}, 0, 0, 0
+        return buffers, saving
 
     def _next_path(self, split: str) -> Path:
         self._seq += 1
@@ -264,7 +305,8 @@ def _write_journal_file(rows: list[dict[str, Any]], path: Path) -> None:
 # --- sealing: full shards' worth of journal rows become raw shards while the fetch runs ------------
 
 
-def seal_journal(root: Path, split: str, shard_rows: int, stop: threading.Event | None = None) -> Path | None:
+def seal_journal(root: Path, split: str, shard_rows: int, stop: threading.Event | None = None,
+                 counts: dict[Path, int] | None = None) -> Path | None:
     """Move the oldest journal files of `split`, a shard's worth of rows, into the next raw shard.
 
     Seals only when more rows wait than one shard holds, so the shard comes out full; returns
@@ -273,9 +315,10 @@ def seal_journal(root: Path, split: str, shard_rows: int, stop: threading.Event 
     `invalid` rows are rebuilt from the input on every run and need their journal key, which a
     shard cannot hold: they move to a journal file of their own instead. The shard is committed
     before any journal file goes, so a crash in between only leaves rows twice (the journal
-    copy wins; finalising drops the other).
+    copy wins; finalising drops the other). `counts` caches the row count of each journal
+    file between calls (the files never change; a fast fetch writes several a second).
     """
-    take = _oldest_shard_of_journal(root, split, shard_rows)
+    take = _oldest_shard_of_journal(root, split, shard_rows, {} if counts is None else counts)
     if not take:
         return None
     folder = split_dir(root, "raw", split)
@@ -300,17 +343,23 @@ def seal_journal(root: Path, split: str, shard_rows: int, stop: threading.Event 
     return shards[0] if shards else None
 
 
-def _oldest_shard_of_journal(root: Path, split: str, shard_rows: int) -> list[tuple[Path, int]]:
+def _oldest_shard_of_journal(root: Path, split: str, shard_rows: int,
+                             counts: dict[Path, int]) -> list[tuple[Path, int]]:
     """(path, rows) of the oldest journal files that fill a shard, or [] while everything
     waiting fits in one (it is left to grow, or to finalising)."""
     take: list[tuple[Path, int]] = []
     rows = 0
-    for path in journal_files(root, split):
+    files = journal_files(root, split)
+    for gone in counts.keys() - set(files):
+        del counts[gone]
+    for path in files:
         if path.stem.endswith(_CARRIED):
             n = 0  # invalid rows only, carried again: they never fill a shard
+        elif path in counts:
+            n = counts[path]
         else:
             with storage.parquet_file(path) as pf:
-                n = pf.metadata.num_rows
+                n = counts[path] = pf.metadata.num_rows
         if rows and rows + n > shard_rows:
             return take
         take.append((path, n))
@@ -353,6 +402,7 @@ class Sealer:
         self.root, self.splits, self.shard_rows, self.every = root, list(splits), shard_rows, every
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self._counts: dict[Path, int] = {}  # rows of each journal file seen (seal_journal)
         self._thread = threading.Thread(target=self._run, name="imatdata-sealer", daemon=True)
 
     def __enter__(self) -> Sealer:
@@ -369,7 +419,8 @@ class Sealer:
         while not self._stop.wait(self.every):
             try:
                 for split in self.splits:
-                    while not self._stop.is_set() and seal_journal(self.root, split, self.shard_rows, self._stop):
+                    while not self._stop.is_set() and seal_journal(self.root, split, self.shard_rows, self._stop,
+                                                                   self._counts):
                         pass
             except (OSError, pa.ArrowException):
                 return  # disk full, say: the journal is intact and finalising will report it

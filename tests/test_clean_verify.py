@@ -1,0 +1,183 @@
+"""Near duplicates need a second look (issue #16): real JPEGs, real Parquet, the real clean.
+
+A phash match between different pictures (same silhouette, other colour or shade; a chain of
+overlapping crops) must not drop anything; re-encoded copies must still be found; groups,
+placeholders, conflicts and leaks stand only on exact or confirmed links.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from imatsample.shards import jpeg, manifest_row, write_shards
+from PIL import Image, ImageDraw
+
+from imatdata import clean as clean_mod
+from imatdata.clean import dedup
+from imatdata.manifest import RAW_SCHEMA, read_table
+
+# Colours of (nearly) one luma and far-apart hues (red, green, blue, purple, teal, grey):
+# their phashes collide, their chroma does not.
+SAME_LUMA = [(200, 40, 40), (40, 120, 60), (60, 70, 230), (150, 60, 160), (20, 110, 120), (88, 88, 88)]
+
+
+def product(fill: tuple[int, int, int], size: int = 256) -> Image.Image:
+    """A product shot: one object centred on white."""
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    ImageDraw.Draw(img).ellipse((60, 40, 200, 220), fill=fill)
+    return img
+
+
+def photo(seed: int, size: tuple[int, int] = (320, 320)) -> Image.Image:
+    """A smooth random colour field with some detail: distinct seeds are far apart in phash."""
+    g = np.random.default_rng(seed)
+    cells = (g.random((6, 6, 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(cells, "RGB").resize(size, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = (float(v) for v in g.uniform(0, 1, 2) * size)
+        draw.ellipse((x - 12, y - 12, x + 12, y + 12), fill=tuple(int(c) for c in g.integers(0, 256, 3)))
+    return img
+
+
+def look(body: bytes) -> tuple[int, np.ndarray]:
+    return clean_mod.image_phash(body), np.frombuffer(clean_mod.image_signature(body), np.uint8)
+
+
+def distance(a: bytes, b: bytes) -> int:
+    return int(dedup.hamming(look(a)[0], look(b)[0]))
+
+
+def confirmed(a: bytes, b: bytes) -> bool:
+    (pa, sa), (pb, sb) = look(a), look(b)
+    d = np.array([int(dedup.hamming(pa, pb))])
+    return bool(dedup.confirm_pairs(sa[None], sb[None], d)[0])
+
+
+def run_clean(root: Path, rows: list[dict], **kw: object) -> tuple[clean_mod.CleanResult, dict[str, tuple[str, str]]]:
+    for split in sorted({r["split"] for r in rows}):
+        write_shards(root / "raw" / split, [r for r in rows if r["split"] == split], schema=RAW_SCHEMA)
+    cfg = clean_mod.CleanConfig(**{"workers": 1, **kw})  # type: ignore[arg-type]
+    result = clean_mod.clean(root, cfg, write_stats=False)
+    dropped = {r["id"]: (r["reason"], r["detail"]) for r in pq.read_table(root / "clean" / "dropped.parquet").to_pylist()}
+    return result, dropped
+
+
+def row(id_: str, split: str, label: int | None, body: bytes) -> dict:
+    return manifest_row(id_, split, label, body, sha256=True)
+
+
+def test_distinct_images_with_colliding_phashes_are_kept(tmp_path: Path) -> None:
+    bodies = [jpeg(product(c)) for c in SAME_LUMA[:4]]
+    assert all(distance(bodies[0], b) <= 4 for b in bodies[1:])  # the phashes do collide
+    assert not any(confirmed(bodies[0], b) for b in bodies[1:])
+    # Before the second look these were a tie (label_conflict) and a leak.
+    rows = [row("red", "train", 1, bodies[0]), row("green", "train", 2, bodies[1]),
+            row("blue", "val", 3, bodies[2]), row("purple", "test", None, bodies[3])]
+    result, dropped = run_clean(tmp_path, rows)
+    assert dropped == {}
+    assert result.candidate_pairs >= 3 and result.confirmed_pairs == 0 and result.groups == 0
+    assert read_table(tmp_path / "clean" / "train").num_rows == 2
+
+
+def test_planted_copies_are_found(tmp_path: Path) -> None:
+    original = photo(1)
+    big = jpeg(original, 92)
+    rows = [row("orig", "train", 1, big),
+            row("q50", "train", 1, jpeg(original, 50)),  # re-encoded
+            row("small", "train", 1, jpeg(original.resize((200, 200), Image.Resampling.LANCZOS), 85)),
+            row("other", "train", 1, jpeg(photo(2), 92))]
+    _, dropped = run_clean(tmp_path, rows)
+    assert dropped.keys() == {"q50", "small"}
+    for copy in ("q50", "small"):
+        reason, detail = dropped[copy]
+        assert reason == "near_duplicate" and detail.startswith("kept=orig distance=")
+
+
+def test_a_chain_of_neighbours_is_not_one_group(tmp_path: Path) -> None:
+    # Three overlapping windows of one wide picture: A~B and B~C are the same picture within
+    # a small crop, A and C are not. A is the largest, so it represents its group.
+    wide = photo(5, (480, 320))
+    a = jpeg(wide.crop((0, 0, 320, 320)).resize((330, 330), Image.Resampling.LANCZOS))
+    b = jpeg(wide.crop((8, 0, 328, 320)))
+    c = jpeg(wide.crop((16, 0, 336, 320)))
+    assert distance(a, c) <= 10  # A and C are candidates...
+    assert confirmed(a, b) and confirmed(b, c) and not confirmed(a, c)  # ...that the second look rejects
+    # Chained, C would have gone as B's and so A's neighbour with another label.
+    _, dropped = run_clean(tmp_path, [row("A", "train", 1, a), row("B", "train", 1, b), row("C", "train", 2, c)],
+                           hash_distance=10)
+    assert dropped == {"B": ("near_duplicate", f"kept=A distance={distance(a, b)}")}
+
+
+def test_placeholders_and_conflicts_come_only_from_confirmed_groups(tmp_path: Path) -> None:
+    # Six different objects of one silhouette over six classes collide in phash: not a
+    # placeholder (from 5 URLs here), not a conflict. One picture re-encoded for twelve URLs
+    # over four classes is a placeholder.
+    lookalikes = [row(f"look{k}", "train", 10 + k, jpeg(product(c))) for k, c in enumerate(SAME_LUMA)]
+    dead = photo(4)
+    placeholder = [row(f"dead{k}", "train", k % 4, jpeg(dead, 60 + 3 * k)) for k in range(12)]
+    conflict = photo(5)
+    pair = [row("x1", "train", 30, jpeg(conflict, 90)), row("x2", "train", 31, jpeg(conflict, 70))]
+    result, dropped = run_clean(tmp_path, lookalikes + placeholder + pair, placeholder_min_urls=5)
+    assert result.candidate_pairs > result.confirmed_pairs
+    assert {k: v[0] for k, v in dropped.items()} == {**{f"dead{k}": "placeholder" for k in range(12)},
+                                                      "x1": "label_conflict", "x2": "label_conflict"}
+    assert dropped["dead0"][1] == "urls=12 classes=4 rows=12"
+    assert dropped["x1"][1] == "tie labels=30,31 rows=2"
+
+
+def test_a_leak_needs_confirmation(tmp_path: Path) -> None:
+    held = photo(6)
+    val = jpeg(held, 90)
+    twin = jpeg(product(SAME_LUMA[1]))
+    rows = [row("val", "val", 1, val), row("val_lookalike", "val", 2, jpeg(product(SAME_LUMA[0]))),
+            row("copy", "train", 1, jpeg(held, 60)), row("lookalike", "train", 3, twin)]
+    _, dropped = run_clean(tmp_path, rows)
+    assert dropped == {"copy": ("leak", f"twin=val split=val distance={distance(val, jpeg(held, 60))}")}
+
+
+def test_every_drop_names_a_row_it_was_confirmed_against(tmp_path: Path) -> None:
+    # A mixed bag: copies, lookalikes and a chain, across labels and splits.
+    wide = photo(7, (480, 320))
+    bodies = {
+        "p": jpeg(photo(8)), "p_q60": jpeg(photo(8), 60), "p_small": jpeg(photo(8).resize((240, 240)), 80),
+        "w0": jpeg(wide.crop((0, 0, 320, 320))), "w1": jpeg(wide.crop((12, 0, 332, 320))),
+        "w2": jpeg(wide.crop((24, 0, 344, 320))), **{f"l{k}": jpeg(product(c)) for k, c in enumerate(SAME_LUMA[:5])},
+    }
+    labels = {"p": 1, "p_q60": 2, "p_small": 2, "w0": 3, "w1": 4, "w2": 3}
+    rows = [row(k, "val" if k == "w2" else "train", labels.get(k, 20), b) for k, b in bodies.items()]
+    _, dropped = run_clean(tmp_path, rows, hash_distance=10)
+    assert dropped
+    for id_, (reason, detail) in dropped.items():
+        named = next((w.split("=", 1)[1] for w in detail.split() if w.startswith(("kept=", "twin="))), None)
+        assert named is not None and confirmed(bodies[id_], bodies[named]), (id_, reason, detail)
+
+
+def test_phash_is_imagehash_phash_of_the_draft() -> None:
+    # The YCbCr draft and the shared resize leave the stored phash exactly what it was.
+    bodies = [jpeg(photo(s), q) for s in range(9, 14) for q in (60, 95)] + [jpeg(product(c)) for c in SAME_LUMA[:3]]
+    grey = io.BytesIO()
+    photo(15).convert("L").save(grey, format="JPEG")
+    png = io.BytesIO()
+    photo(16).save(png, format="PNG")
+    for body in [*bodies, grey.getvalue(), png.getvalue()]:
+        img = Image.open(io.BytesIO(body))
+        if img.format == "JPEG":
+            img.draft("L", (64, 64))
+        img.load()
+        assert clean_mod.image_phash(body) == clean_mod.phash_int64(img)
+        assert len(clean_mod.image_signature(body)) == dedup.SIG_BYTES
+
+
+@pytest.mark.parametrize("dedup_mode", ["exact", "off"])
+def test_other_modes_take_no_second_look(tmp_path: Path, dedup_mode: str) -> None:
+    copy = photo(17)
+    rows = [row("a", "train", 1, jpeg(copy, 90)), row("b", "train", 1, jpeg(copy, 60)),
+            row("c", "train", 1, jpeg(copy, 90))]
+    result, dropped = run_clean(tmp_path, rows, dedup=dedup_mode)
+    assert result.candidate_pairs == 0
+    assert dropped == ({"c": ("duplicate", "kept=a distance=0")} if dedup_mode == "exact" else {})
