@@ -43,18 +43,16 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from imatsample.shards import manifest_row, write_shards
+from imatsample.shards import manifest_row
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 N_CLASSES = 2019
@@ -595,14 +593,19 @@ def main() -> int:
         scale = (1_000_000 / n) ** 2
         print(f"\n== chance phash neighbours among the {n:,} distinct images (pairs grow as N^2)")
         for c in chance:
-            rate = c.confirmed / c.candidates if c.candidates else 0.0
+            if not c.candidates:
+                print(f"distance <= {c.distance}: no candidate pairs (too few images to say anything)")
+                continue
+            # None confirmed says little on few candidates: use the 95% upper bound (3/n) then.
+            rate = c.confirmed / c.candidates if c.confirmed else 3.0 / max(c.candidates, 1)
             print(f"distance <= {c.distance}: {c.candidates:,} candidate pairs ({c.candidates_products:,} product-product), "
-                  f"{c.confirmed} confirmed ({c.confirmed_products} product-product): {rate:.3%} of candidates; "
-                  f"at 1M images: ~{c.candidates * scale:,.0f} candidates, ~{c.confirmed * scale:,.0f} confirmed "
-                  f"-> at most ~{2 * c.confirmed * scale / 1e6:.3%} dropped")
+                  f"{c.confirmed} confirmed ({c.confirmed_products} product-product): "
+                  f"{'' if c.confirmed else '< '}{rate:.3%} of candidates; at 1M images: "
+                  f"~{c.candidates * scale:,.0f} candidates, ~{rate * c.candidates * scale:,.0f} confirmed "
+                  f"-> at most ~{2 * rate * c.candidates * scale / 1e6:.3%} dropped")
             if c.distance == 4:
                 print(f"  with the real crowding (~6,000 chance pairs at distance <= 4 on 1M, issue #16): "
-                      f"~{6000 * rate:.0f} confirmed -> ~{2 * 6000 * rate / 1e6:.4%} dropped")
+                      f"~{6000 * rate:.0f} confirmed -> at most ~{2 * 6000 * rate / 1e6:.4%} dropped")
         if args.peers and image_dir:
             print("\n== peers on the same images (train and val together; a pair counts once)")
             for name, res in run_peers(args.peers, image_dir, work, distances).items():
