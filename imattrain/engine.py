@@ -8,6 +8,7 @@ file; all ranks take part in every reduction.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -267,7 +268,11 @@ class _Trainer:
         if not self.world.is_main:
             return
         storage.make_dirs(self.paths.checkpoints)
-        storage.write_bytes_atomic(to_toml(self.cfg).encode(), self.paths.config)
+        # Auto values stay auto in the file, so `--config` with another --epochs or
+        # --image-size derives them again; the values used are in every checkpoint's config.
+        given = dataclasses.replace(self.cfg, **{name: "auto" if name == "augment" else None
+                                                 for name in self.auto})
+        storage.write_bytes_atomic(to_toml(given).encode(), self.paths.config)
         if resumed_epoch is None:
             self.history = []
         else:

@@ -52,20 +52,30 @@ def test_given_values_win_and_resolution_is_idempotent() -> None:
     # A basic-preset value given on a short run means the basic preset.
     assert TrainConfig(epochs=3, crop_scale=0.5).resolved().augment == "basic"
     assert TrainConfig(epochs=3).resolved().augment == "none"
+    # `none` evaluates (and trains on) the whole image; cropping presets keep the 256/224 crop.
+    assert TrainConfig(epochs=3, image_size=64).resolved().eval_resize == 64
+    assert TrainConfig(epochs=30, image_size=64).resolved().eval_resize == 73
+    assert TrainConfig(epochs=3, image_size=64, eval_resize=80).resolved().eval_resize == 80
 
 
 def test_a_default_run_learns_well_above_chance(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "clean", train_per_class=24, val_per_class=8, size=40)
     out = tmp_path / "run"
-    # Only the run's shape: model, size, epochs, batch size (and a small machine's workers).
+    # Only the run's shape: model, size, epochs, batch size, and the machine's share (one
+    # worker, one thread: in a test process torch's OpenMP threads spin, and on a shared
+    # 2-core machine a tiny model then runs several times slower on two).
     result = runner.invoke(app, ["run", "--data", str(data), "--out", str(out), "--model",
                                  "resnet18", "--image-size", "32", "--epochs", "5",
-                                 "--batch-size", "16", "--workers", "1"])
+                                 "--batch-size", "16", "--workers", "1", "--threads", "1"])
     assert result.exit_code == 0, result.output
-    assert "recipe: augment none, warmup-epochs 0.5, weight-decay 0.0005 (auto for 5 epochs " \
-           "from scratch" in result.output
+    assert "recipe: augment none, warmup-epochs 0.5, weight-decay 0.0005, eval-resize 32 " \
+           "(auto for 5 epochs from scratch" in result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["top1"] >= 0.5  # 4 classes: chance is 0.25
-    # The saved config holds the values used, so --config reproduces the run.
+    # config.toml keeps them auto (a reuse with other --epochs derives them again); the
+    # checkpoints hold the values used.
     saved = load_toml(out / "config.toml")
-    assert all(saved[name] is not None for name in AUTO_FIELDS)
+    assert saved["augment"] == "auto" and not any(name in saved for name in AUTO_FIELDS[1:])
+    used = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["config"]
+    assert used["augment"] == "none" and used["eval_resize"] == 32
+    assert used["weight_decay"] == 5e-4 and used["warmup_epochs"] == 0.5
