@@ -85,7 +85,9 @@ def report(out: Path, root: Path, run_dir: Path, submission: Path, timings: dict
     epochs = [m for m in metrics if "top3" in m]
     if epochs:
         first, last = epochs[0], epochs[-1]
-        best = min(epochs, key=lambda m: (m["top3_err"], m["val_loss"]))
+        # The epoch the trainer chose for best.pt (imattrain.selection), as its metrics say.
+        chosen = epochs[-1].get("best_epoch")
+        best = next((m for m in epochs if m["epoch"] == chosen), epochs[-1])
         print(f"  trained: {len(epochs)} epochs; val top-1 {first['top1']:.1%} → {last['top1']:.1%}, "
               f"top-3 {first['top3']:.1%} → {last['top3']:.1%}; best.pt is epoch {best['epoch']} "
               f"(top-1 {best['top1']:.1%}, top-3 {best['top3']:.1%})")
