@@ -781,7 +781,7 @@ class Fetcher:
                 return _Attempt(Download("too_large", None, status, 0,
                                          f"Content-Length {resp.content_length} exceeds --max-bytes {limit}", url))
             await self._reserve(hops, resp.content_length)  # all of it up front: no half-read body waits
-            body = await resp.read()  # the parser stops at Content-Length: one read, no chunk loop
+            body = await _read_into(resp, resp.content_length)
         else:
             buffer = bytearray()
             # Counted after Content-Encoding is undone, so a gzip bomb stops at the limit too.
@@ -801,6 +801,23 @@ class Fetcher:
             hops.hold.try_resize(len(body))  # the response is done: the body is all it holds now
         self.stats.bytes_in += len(body)
         return _Attempt(Download("ok", body, status, 0, None, url))
+
+
+async def _read_into(resp: aiohttp.ClientResponse, length: int) -> bytearray:
+    """A body of known length read straight into one buffer of that size: `resp.read()`
+    gathers the chunks and joins them, so a large body is briefly held twice."""
+    body = bytearray(length)
+    view, got = memoryview(body), 0
+    async for chunk in resp.content.iter_chunked(_READ_CHUNK):
+        end = got + len(chunk)
+        if end > length:  # the parser stops at Content-Length; never write past the buffer
+            raise aiohttp.ClientPayloadError(f"body longer than its Content-Length {length}")
+        view[got:end] = chunk
+        got = end
+    del view
+    if got < length:
+        raise aiohttp.ClientPayloadError(f"body ended after {got} of its Content-Length {length} bytes")
+    return body
 
 
 def _host_key(url: str) -> str:

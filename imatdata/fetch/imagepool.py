@@ -56,6 +56,10 @@ from imatdata.fetch.images import ImageResult
 
 _COUNT = struct.Struct("<I")
 _RESULT = struct.Struct("<Q")
+# Bodies go to a worker a slice at a time, each slice written only when the socket has taken
+# the last: the transport copies whatever the socket does not take at once, so a large body
+# written whole would be held twice in the event loop's process.
+_SEND_SLICE = 256 * 1024
 
 
 @dataclass
@@ -71,7 +75,9 @@ class _Worker:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     in_flight: deque[list[_Item]] = field(default_factory=deque)
+    outbox: deque[list[_Item]] = field(default_factory=deque)  # in flight, not yet written
     task: asyncio.Task[None] | None = None
+    sender: asyncio.Task[None] | None = None
     answered: int = 0  # batches answered so far
 
 
@@ -110,8 +116,9 @@ class ImagePool:
     async def close(self) -> None:
         self._closed = True
         for w in self._workers:
-            if w.task is not None:
-                w.task.cancel()
+            for task in (w.task, w.sender):
+                if task is not None:
+                    task.cancel()
             w.writer.close()  # the worker reads EOF and exits
         for w in self._workers:
             await _reap(w.proc)
@@ -155,9 +162,24 @@ class ImagePool:
                 if not batch:
                     continue
                 w.in_flight.append(batch)
+                w.outbox.append(batch)
+                if w.sender is None or w.sender.done():
+                    w.sender = asyncio.create_task(self._send(w))
+
+    async def _send(self, w: _Worker) -> None:
+        """Write `w.outbox`'s batches in order, a slice at a time (`_SEND_SLICE`)."""
+        try:
+            while w.outbox:
+                batch = w.outbox.popleft()
                 w.writer.write(_COUNT.pack(len(batch)) + struct.pack(f"<{len(batch)}I", *(len(i.body) for i in batch)))
                 for item in batch:
-                    w.writer.write(item.body)
+                    view = memoryview(item.body)
+                    for start in range(0, len(view), _SEND_SLICE):
+                        w.writer.write(view[start:start + _SEND_SLICE])
+                        await w.writer.drain()
+                    del view
+        except ConnectionError:
+            return  # the worker died: `_read` sees it and retries what was in flight
 
     async def _read(self, w: _Worker) -> None:
         try:
@@ -187,6 +209,9 @@ class ImagePool:
 
     async def _replace(self, w: _Worker) -> None:
         """The worker died mid-batch: start another and retry its bodies one by one."""
+        if w.sender is not None:
+            w.sender.cancel()
+        w.outbox.clear()
         w.writer.close()
         await _reap(w.proc)
         code = w.proc.returncode
@@ -300,8 +325,8 @@ def serve(fd: int, max_side: int, max_pixels: int, resize_filter: str,
             buf = _recv_exactly(sock, n)
             if buf is None:
                 return
-            bodies.append(bytes(buf))
-            del buf
+            bodies.append(buf)  # processed as received: a bytes() copy would hold it twice
+            del buf  # or it outlives the batch, and the next body is received beside it
         payload = pickle.dumps(imagework.process_images(bodies, max_side, max_pixels, resize_filter,
                                                         max_decode_bytes, heavy), protocol=pickle.HIGHEST_PROTOCOL)
         sock.sendall(_RESULT.pack(len(payload)))

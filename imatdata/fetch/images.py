@@ -274,7 +274,7 @@ def _decode(img: Image.Image, kind: str, body: bytes, base: dict[str, Any], full
     orig_w, orig_h = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     base.update(orig_width=orig_w, orig_height=orig_h)
     if img.format == "JPEG" and img.mode == "RGB" and not rotated and (max_side <= 0 or max(width, height) <= max_side):
-        return ImageResult("ok", None, body, "jpeg", width, height, **base)
+        return ImageResult("ok", None, bytes(body), "jpeg", width, height, **base)
     try:
         if pixel_bytes(img) > STRIP_BYTES:
             rgb = shrink_in_strips(img, max_side)
