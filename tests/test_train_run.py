@@ -198,14 +198,15 @@ def test_gpu_benchmark_script_starts_on_cpu(tmp_path: Path, monkeypatch: pytest.
     path = Path(__file__).resolve().parents[1] / "bench" / "gpu_train.py"
     spec = importlib.util.spec_from_file_location("bench_gpu_train", path)
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_gpu_train", bench)  # its dataclasses look it up
     spec.loader.exec_module(bench)
     monkeypatch.setattr(sys, "argv", ["gpu_train.py", "--device", "cpu", "--steps", "2",
-                                      "--model", "resnet18", "--image-size", "64",
-                                      "--batch-size", "4", "--workers", "1", "--amp", "none",
+                                      "--cases", "resnet18@64:4", "--workers", "1", "--amp", "none",
                                       "--classes", "4", "--keep", str(tmp_path)])
     assert bench.main() == 0
     out = capsys.readouterr().out
-    assert "cpu-decode" in out and "images/s" in out and "skipped: needs CUDA" in out
+    assert "synthetic" in out and "cpu-decode" in out and "images/s" in out
+    assert "skipped: needs CUDA" in out and "ceiling" in out
     if not torch.cuda.is_available():
         monkeypatch.setattr(sys, "argv", ["gpu_train.py"])
         assert bench.main() == 2
