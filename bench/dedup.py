@@ -4,6 +4,9 @@
     .venv/bin/python bench/dedup.py --distinct 200000     # bigger; --distinct 1000000 for the real scale
     .venv/bin/python bench/dedup.py --keep /tmp/c         # keep the corpus; --reuse /tmp/c runs on it again
     .venv/bin/python bench/dedup.py --peers /tmp/peers/bin/python   # also imagededup, cleanvision, fastdup
+    .venv/bin/python bench/dedup.py --distances 4 --search-n 1000000 --throughput-revs edbe080,a0b8c89
+        # also: the candidate search on 1M random-ish looks, and pass 1's hashing against
+        # older versions of imatdata/clean/checks.py (edbe080: before #16, phash only)
 
 The peers live in their own virtualenv, never in imat's (fastdup pins old numpy and Pillow):
 `python3.11 -m venv /tmp/peers && /tmp/peers/bin/pip install cleanvision scikit-learn fastdup
@@ -27,9 +30,12 @@ so a false match between distinct images mostly shows as `label_conflict` (or a 
 
 Reported: recall per transform (the pair put in one group: one of the two dropped naming
 the other), false drops (a distinct image dropped for a duplicate-based reason it does not
-have), the chance candidate pairs (pHash within `--hash-distance`) among distinct images
-against those the second look confirmed, the extrapolation of both to 1M images, and the
-time of each clean pass. With `--peers PYTHON` the same images go through imagededup
+have), the chance candidate pairs among distinct images (pHash within `--hash-distance`,
+and all candidates: crop windows and halves too) against those the second look confirmed,
+the extrapolation of both to 1M images, and the time of each clean pass. `--search-n N`
+times the candidate search and confirmation on N random-ish looks, phash only and with
+the windows; `--throughput-revs` times pass 1's `hash_batch` at those git revisions and in
+this tree on the same images, interleaved, in CPU seconds. With `--peers PYTHON` the same images go through imagededup
 (PHash; CNN needs weights it cannot download here), cleanvision and fastdup, each in that
 separate interpreter, so their dependencies never touch imat's environment.
 """
@@ -43,6 +49,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -428,14 +435,15 @@ def read_drops(root: Path) -> dict[str, tuple[str, str | None]]:
 @dataclass
 class Chance:
     distance: int
-    candidates: int
+    phash_candidates: int  # pairs within `distance` of each other's phash
+    candidates: int  # all candidates: phash, crop windows and halves (a pair found twice counts twice)
     confirmed: int
-    candidates_products: int
+    phash_candidates_products: int
     confirmed_products: int
 
 
 def chance_pairs(root: Path, distances: list[int], workers: int) -> tuple[int, list[Chance]]:
-    """phash candidates and confirmed pairs among the distinct images only (no planted copy)."""
+    """Candidates and confirmed pairs among the distinct images only (no planted copy)."""
     from imatdata.clean import CleanConfig, dedup
     from imatdata.clean.checks import check_rows
 
@@ -446,11 +454,87 @@ def chance_pairs(root: Path, distances: list[int], workers: int) -> tuple[int, l
     out = []
     for d in distances:
         count = dedup.PairCount()
-        i, j, _ = dedup.confirmed_pairs(rows.phash[keep], rows.signature[keep], d, count=count)
+        i, j, _ = dedup.confirmed_pairs(rows.phash[keep], rows.signature[keep], d, windows=rows.windows[keep],
+                                        count=count)
         ci, cj, _ = dedup.near_pairs(rows.phash[keep], d)
-        out.append(Chance(d, count.candidates, count.confirmed, int((product[ci] & product[cj]).sum()),
+        out.append(Chance(d, int(ci.size), count.candidates, count.confirmed, int((product[ci] & product[cj]).sum()),
                           int((product[i] & product[j]).sum())))
     return int(keep.size), out
+
+
+def search_time(n: int, distance: int, seed: int = 0) -> tuple[float, float, int]:
+    """Seconds to find and confirm the candidates among `n` random-ish looks: random hashes,
+    a twentieth of them near copies of another (1-4 bits off, windows likewise), signatures
+    random. Returns (phash search only, all generators, pairs confirmed)."""
+    from imatdata.clean import dedup
+
+    g = np.random.default_rng(seed)
+    hashes = g.integers(0, 2**63, n, dtype=np.int64) ^ g.integers(0, 2, n, dtype=np.int64) << np.int64(63)
+    windows = g.integers(0, 2**63, (n, dedup.N_WINDOWS), dtype=np.int64).view(np.uint64)
+    copies = g.choice(n, n // 20, replace=False)
+    sources = g.integers(0, n, copies.size)
+    nbits = g.integers(1, 5, copies.size)
+    flips = np.zeros(copies.size, np.int64)
+    for k in range(4):
+        flips |= np.where(k < nbits, np.int64(1) << g.integers(0, 64, copies.size).astype(np.int64), 0)
+    hashes[copies] = hashes[sources] ^ flips
+    windows[copies] = windows[sources]
+    signatures = g.integers(0, 256, (n, dedup.SIG_BYTES), dtype=np.uint8)
+    signatures[copies] = signatures[sources]
+    t0 = time.perf_counter()
+    dedup.confirmed_pairs(hashes, signatures, distance)
+    t1 = time.perf_counter()
+    i, _, _ = dedup.confirmed_pairs(hashes, signatures, distance, windows=windows)
+    return t1 - t0, time.perf_counter() - t1, int(i.size)
+
+
+def hash_throughput(root: Path, revs: list[str], n_images: int, rounds: int) -> dict[str, float]:
+    """Images per second of pass 1's hashing (`hash_batch`, one process) at git revisions
+    `revs` and in this tree, on the same stored images, the versions interleaved round by
+    round. Timed in CPU seconds of this process (the best round of each counts): on a busy
+    machine wall time measures the neighbours more than the code."""
+    import importlib.util
+
+    from imatdata.manifest import read_table
+
+    images = read_table(root / "raw" / "train", columns=["image"]).column("image").to_pylist()[:n_images]
+    repo = Path(__file__).resolve().parent.parent
+    fns = {}
+    for rev in revs:
+        src = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:imatdata/clean/checks.py"],
+                             capture_output=True, text=True, check=True).stdout
+        path = Path(tempfile.mkdtemp(prefix="imat-bench-checks-")) / f"checks_{rev}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(f"checks_{rev}", path)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        fns[rev] = module.hash_batch
+    from imatdata.clean.checks import hash_batch
+
+    fns["this tree"] = hash_batch
+    want = [False] * len(images)
+    rates: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.process_time()
+            fn(images, want)
+            rates[name].append(len(images) / (time.process_time() - t))
+    return rates
+
+
+def throughput_line(rates: dict[str, list[float]]) -> str:
+    """Each version's best rate, and this tree's rate over it: the median of the per-round
+    ratios (rounds are back to back, so a ratio compares runs under the same load)."""
+    now = np.array(rates["this tree"])
+    parts = []
+    for name, r in rates.items():
+        line = f"{name} {max(r):.0f} img/s"
+        if name != "this tree":
+            line += f" (this tree {float(np.median(now / np.array(r))):.1%} of it)"
+        parts.append(line)
+    return "; ".join(parts)
 
 
 # --- peers, each in its own interpreter -------------------------------------------------------
@@ -554,6 +638,10 @@ def main() -> int:
     ap.add_argument("--peers", metavar="PYTHON", help="an interpreter with imagededup / cleanvision / fastdup")
     ap.add_argument("--keep", type=Path, help="build the corpus here and keep it (default: a temporary folder)")
     ap.add_argument("--reuse", type=Path, help="use the corpus a --keep run left in this folder")
+    ap.add_argument("--search-n", type=int, default=0, help="also time the candidate search on this many random-ish looks")
+    ap.add_argument("--throughput-revs", default="", help="git revisions whose pass-1 hashing to time against this tree's")
+    ap.add_argument("--throughput-images", type=int, default=1000)
+    ap.add_argument("--throughput-rounds", type=int, default=5)
     args = ap.parse_args()
     distances = [int(x) for x in args.distances.split(",")]
     work = args.reuse or args.keep or Path(tempfile.mkdtemp(prefix="imat-bench-dedup-"))
@@ -591,21 +679,36 @@ def main() -> int:
                   f"of {args.distinct:,}")
         n, chance = chance_pairs(work, distances, args.workers)
         scale = (1_000_000 / n) ** 2
-        print(f"\n== chance phash neighbours among the {n:,} distinct images (pairs grow as N^2)")
+        print(f"\n== chance candidates among the {n:,} distinct images (pairs grow as N^2)")
         for c in chance:
-            if not c.candidates:
-                print(f"distance <= {c.distance}: no candidate pairs (too few images to say anything)")
+            if not c.confirmed and c.candidates < 1000:
+                print(f"distance <= {c.distance}: {c.candidates} candidate pairs, none confirmed "
+                      f"(too few to extrapolate anything)")
                 continue
-            # None confirmed says little on few candidates: use the 95% upper bound (3/n) then.
-            rate = c.confirmed / c.candidates if c.confirmed else 3.0 / max(c.candidates, 1)
-            print(f"distance <= {c.distance}: {c.candidates:,} candidate pairs ({c.candidates_products:,} product-product), "
-                  f"{c.confirmed} confirmed ({c.confirmed_products} product-product): "
-                  f"{'' if c.confirmed else '< '}{rate:.3%} of candidates; at 1M images: "
-                  f"~{c.candidates * scale:,.0f} candidates, ~{rate * c.candidates * scale:,.0f} confirmed "
-                  f"-> at most ~{2 * rate * c.candidates * scale / 1e6:.3%} dropped")
-            if c.distance == 4:
-                print(f"  with the real crowding (~6,000 chance pairs at distance <= 4 on 1M, issue #16): "
-                      f"~{6000 * rate:.0f} confirmed -> at most ~{2 * 6000 * rate / 1e6:.4%} dropped")
+            # None confirmed says little: use the 95% upper bound (3 events) then.
+            events = c.confirmed if c.confirmed else 3.0
+            print(f"distance <= {c.distance}: {c.phash_candidates:,} phash candidate pairs "
+                  f"({c.phash_candidates_products:,} product-product), {c.candidates:,} candidates with the crop "
+                  f"windows and halves, {c.confirmed} confirmed ({c.confirmed_products} product-product); "
+                  f"at 1M images: ~{c.candidates * scale:,.0f} candidates, {'< ' if not c.confirmed else '~'}"
+                  f"{events * scale:,.0f} confirmed -> at most ~{2 * events * scale / 1e6:.3%} dropped")
+            if c.distance == 4 and c.phash_candidates:
+                # Real photos crowd less: ~6,000 phash pairs within 4 bits on 1M (issue #16). The
+                # other generators are assumed to crowd in the same proportion as here.
+                per = events / c.phash_candidates
+                print(f"  with the real crowding (~6,000 phash pairs at distance <= 4 on 1M, issue #16): "
+                      f"{'< ' if not c.confirmed else '~'}{6000 * per:.0f} confirmed "
+                      f"-> at most ~{2 * 6000 * per / 1e6:.4%} dropped")
+        if args.search_n:
+            for d in distances:
+                plain, full, pairs = search_time(args.search_n, d)
+                print(f"\n== search on {args.search_n:,} random-ish looks, distance {d}: phash only {plain:.1f} s, "
+                      f"with crop windows and halves {full:.1f} s ({pairs:,} pairs confirmed)")
+        if args.throughput_revs:
+            revs = args.throughput_revs.split(",")
+            rates = hash_throughput(work, revs, args.throughput_images, args.throughput_rounds)
+            print(f"\n== pass 1 hashing, one process, CPU time, {args.throughput_images} stored images, "
+                  f"{args.throughput_rounds} interleaved rounds: {throughput_line(rates)}")
         if args.peers and image_dir:
             print("\n== peers on the same images (train and val together; a pair counts once)")
             for name, res in run_peers(args.peers, image_dir, work, distances).items():

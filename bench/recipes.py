@@ -49,6 +49,7 @@ import argparse
 import gzip
 import io
 import json
+import os
 import random
 import sys
 import time
@@ -56,6 +57,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The environment as the user started the bench, before anything imports imattrain (whose
+# import sets OMP_WAIT_POLICY=PASSIVE unless set): the children start from it, so the plain
+# loop runs with torch's default OpenMP settings and imattrain sets its own.
+_USER_ENV = dict(os.environ)
 
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
            "bag", "ankle-boot")
@@ -226,11 +232,11 @@ def steps_per_epoch(data: Path, batch_size: int, workers: int = 2) -> int:
 
 
 def _child(args: list[str], env: dict[str, str] | None = None) -> str:
-    """Run a Python child (a fresh process: its own threads and OpenMP settings); stdout."""
-    import os
+    """Run a Python child (a fresh process: its own threads and OpenMP settings) in the
+    user's environment plus `env`; stdout."""
     import subprocess
 
-    full = {**os.environ, **(env or {})}
+    full = {**_USER_ENV, **(env or {})}
     done = subprocess.run([sys.executable, *args], stdout=subprocess.PIPE, text=True, env=full)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args[:3])} failed (exit {done.returncode})")

@@ -46,6 +46,7 @@ DROP_REASONS = (
     "placeholder",
     "leak",
     "label_conflict",
+    "label_noise",
 )
 
 RAW_SCHEMA = pa.schema(
@@ -150,7 +151,7 @@ def parquet_options(schema: pa.Schema, compression: str = "zstd") -> dict[str, A
 def write_table_atomic(table: pa.Table, final: Path, *, compression: str = "zstd",
                        row_group_rows: int | None = None) -> None:
     """Write one whole Parquet file under a temporary name and rename it when complete."""
-    with storage.AtomicFile(final) as f:
+    with storage.AtomicFile(final, size_hint=table.nbytes) as f:
         pq.write_table(table, f.target, row_group_size=row_group_rows, **parquet_options(table.schema, compression))
 
 
@@ -180,7 +181,7 @@ class ShardWriter:
     written: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.folder = Path(self.folder)
+        self.folder = storage.as_location(self.folder)
         if self.row_group_bytes > ROW_GROUP_MAX_BYTES:
             raise ValueError("row groups must stay under 128 MiB")
         self._index = self.start_index
@@ -301,14 +302,14 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
 def open_dataset(paths: Path | Sequence[Path]) -> ds.Dataset:
     """A pyarrow dataset over a split folder, a stage folder (all splits) or explicit shards."""
     if isinstance(paths, (str, os.PathLike)):
-        paths = Path(paths)
+        paths = storage.as_location(paths)
         shards = list_shards(paths)
         if not shards and storage.is_dir(paths):
             shards = [s for split in list_splits(paths) for s in list_shards(paths / split)]
         if not shards:
             raise UserError(f"no manifest shards under {paths}: run the stage that writes them first")
     else:
-        shards = [Path(p) for p in paths]
+        shards = [storage.as_location(p) for p in paths]
     return storage.parquet_dataset(shards)
 
 
@@ -337,9 +338,9 @@ class RowGroupRef:
 def row_groups(paths: Path | Sequence[Path]) -> list[RowGroupRef]:
     """Every row group of a split (or of explicit shards), in file order."""
     if isinstance(paths, (str, os.PathLike)):
-        shards = list_shards(Path(paths))
+        shards = list_shards(storage.as_location(paths))
     else:
-        shards = [Path(p) for p in paths]
+        shards = [storage.as_location(p) for p in paths]
     refs = []
     for shard in shards:
         with storage.parquet_file(shard) as f:
@@ -350,6 +351,8 @@ def row_groups(paths: Path | Sequence[Path]) -> list[RowGroupRef]:
 
 
 def read_row_group(ref: RowGroupRef, columns: Sequence[str] | None = None) -> pa.Table:
+    if storage.is_remote(ref.path):
+        return storage.read_row_group(ref.path, ref.row_group, columns)
     with storage.parquet_file(ref.path) as f:
         return f.read_row_group(ref.row_group, columns=list(columns) if columns else None)
 

@@ -123,13 +123,14 @@ def _shown(value: Any) -> str:
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
     """Write under a temporary name and rename over `path`: a crash keeps the old file."""
-    with storage.AtomicFile(Path(path)) as f, f.open() as fh:
+    path = storage.as_location(path)
+    with storage.AtomicFile(path) as f, f.open() as fh:
         torch.save(_plain({"format_version": FORMAT_VERSION, **state}), fh)
-    return Path(path)
+    return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
+    path = storage.as_location(path)
     if not storage.is_file(path):
         raise UserError(f"checkpoint {path} does not exist")
     ckpt = safe_load(path, "checkpoint", "use a checkpoint written by imattrain from a source "

@@ -10,7 +10,6 @@ checkpoint list, predict's required --out, --json and --config are written here.
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -24,6 +23,7 @@ from imatdata.errors import UserError
 from imatdata.errors import user_errors as _user_errors
 from imatdata.options import command, opt, parse_given, typer_parameters
 from imattrain.config import (
+    AuditConfig,
     EvalConfig,
     LRFindConfig,
     PredictConfig,
@@ -103,7 +103,7 @@ app.command("run")(command(
 class Inputs:
     """Where eval and predict read, besides `--checkpoint`: SGDR snapshots and the shards."""
 
-    snapshots: Path | None = opt(None, "Ensemble every SGDR snapshot of this run folder.", parse=Path)
+    snapshots: str | None = opt(None, "Ensemble every SGDR snapshot of this run folder.", parse=str)
     data: str | None = opt(None, "Folder of clean shards (default: <root>/clean).")
     root: str | None = opt(None, "Manifest root used to find --data (default: $IMAT_ROOT or "
                                  "./manifests).")
@@ -111,12 +111,12 @@ class Inputs:
 
 # A list option with an argument for the rest: no config field says that.
 _CHECKPOINT_FLAGS = [
-    _param("checkpoint", Optional[list[Path]],
+    _param("checkpoint", Optional[list[str]],  # str: a Path would turn s3://b/k into s3:/b/k
            typer.Option(None, "--checkpoint", "-c", show_default=False,
                         help="Checkpoint file(s) or run folder(s) (a run folder means its "
                              "best.pt, else last.pt); several are ensembled by averaging "
                              "probabilities. `--checkpoint A B` or repeat the flag.")),
-    _param("more", Optional[list[Path]],
+    _param("more", Optional[list[str]],
            typer.Argument(None, show_default=False, metavar="CKPT",
                           help="More checkpoints (what follows --checkpoint A).")),
 ]
@@ -233,7 +233,7 @@ app.command("predict")(command(
     predict_command,
     [*_CHECKPOINT_FLAGS,
      # Required, which a config field (every flag defaults to "not typed") cannot say.
-     _param("out", Path, typer.Option(..., "--out", help="Submission CSV to write (id,predicted).")),
+     _param("out", str, typer.Option(..., "--out", help="Submission CSV to write (id,predicted).")),
      *typer_parameters(Inputs, {}), *typer_parameters(PredictConfig, _INFER_PANELS),
      _json_flag("Print a JSON summary on stdout.")],
     "Write the competition file: id,predicted with three labels per row, best first."))
@@ -274,13 +274,39 @@ app.command("lr-find")(command(
     "sweep, smoothed loss, plot and a suggested rate."))
 
 
+# --- audit -------------------------------------------------------------------------------------
+
+
+def audit_command(*, config: Path | None, **given: Any) -> None:
+    with user_errors():
+        cfg = _train_config(config, given)
+        acfg = AuditConfig(**parse_given(AuditConfig, given)).validate()
+        from imattrain.audit import run_audit
+
+        say = (lambda msg: None) if cfg.quiet else (lambda msg: print(msg, file=sys.stderr))
+        result = run_audit(cfg, acfg, say=say)
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
+        share = result.flagged / result.audited if result.audited else 0.0
+        sheet = f", contact sheet {result.sheet}" if result.sheet else ""
+        print(f"audit ({result.method}): {result.flagged} of {result.audited} train images "
+              f"flagged ({100 * share:.1f}%): {result.suspects}{sheet}; out-of-fold "
+              f"probabilities {result.oof}", file=sys.stderr)
+        # The suspects file alone on stdout, so scripts can capture it.
+        print(result.suspects)
+
+
+# run's options (same data/model/recipe flags; --out is the audit folder) plus the audit's.
+app.command("audit")(command(
+    audit_command, [*_RUN_FLAGS, *typer_parameters(AuditConfig, {"audit": "Audit"})],
+    "Find mislabelled training images: K models on K folds of train (run's flags), "
+    "out-of-fold probabilities ranked by how likely each given label is wrong; writes "
+    "suspects.parquet and a contact sheet (--probs FILE ranks earlier probabilities)."))
+
+
 def main() -> None:
-    # Before torch (and its OpenMP runtime) is loaded, which the commands do lazily: OpenMP
-    # threads that wait for work sleep instead of spinning. torch's libgomp otherwise spins
-    # between operations, which on a machine running anything else (loader workers, other
-    # jobs) burns the cores its own threads need: ResNet-18 at 64 px on 2 shared cores ran
-    # 2-4x faster passive (bench notes in README, "CPU threads"). The user's value wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's idle threads sleep rather than spin (OMP_WAIT_POLICY=PASSIVE unless the user
+    # set it): done by the package's __init__, which runs before this module and torch load.
     app()
 
 

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from imatdata import storage
 from imatdata.errors import UserError
 from imatdata.manifest import RowGroupRef, list_shards, read_row_group, row_groups
 from imattrain.transforms import DECODE_ERRORS, UndecodableImage
@@ -74,7 +75,7 @@ class SplitIndex:
 
 
 def split_path(data_dir: str | Path, split: str) -> Path:
-    path = Path(data_dir) / split
+    path = storage.as_location(data_dir) / split
     if not list_shards(path):
         raise UserError(f"no shards for split {split!r} under {data_dir}: run `imatdata clean` "
                         f"first or point --data at a folder of clean shards")
@@ -86,8 +87,14 @@ def scan_split(data_dir: str | Path, split: str) -> SplitIndex:
     path = split_path(data_dir, split)
     units = [u for u in row_groups(path) if u.num_rows > 0]
     labels, usable = [], []
-    for unit in units:
-        table = read_row_group(unit, ["label", "status"])
+    tables: Iterator[Any] = (read_row_group(unit, ["label", "status"]) for unit in units)
+    if storage.is_remote(path) and len(units) > 1:
+        # A round trip per row group: several at a time (the columns are a few bytes a row).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8, thread_name_prefix="imat-scan") as pool:
+            tables = iter(list(pool.map(lambda u: read_row_group(u, ["label", "status"]), units)))
+    for table in tables:
         labels.append(table.column("label").fill_null(-1).to_numpy().astype(np.int64))
         usable.append(np.asarray(table.column("status").to_pylist(), dtype=object) == "ok")
     offsets = np.zeros(len(units) + 1, dtype=np.int64)
@@ -302,15 +309,22 @@ class ShardStream(IterableDataset):
         units, local = self.index.locate(rows)
         remaining = np.bincount(units[first * bs:], minlength=len(self.index.units))
         cache: dict[int, dict[str, list[Any]]] = {}
-        for k in range(first, local_batches):
-            sl = slice(k * bs, min((k + 1) * bs, len(rows)))
-            batch_index = k * num_workers + worker
-            yield self._make_batch(rows[sl], units[sl], local[sl], cache, remaining, epoch,
-                                   batch_index)
+        if storage.is_remote(self.index.split_path):
+            cache = _ReadAhead(self.index.units, _first_seen(units[first * bs:]), READ_AHEAD)
+        try:
+            for k in range(first, local_batches):
+                sl = slice(k * bs, min((k + 1) * bs, len(rows)))
+                batch_index = k * num_workers + worker
+                yield self._make_batch(rows[sl], units[sl], local[sl], cache, remaining, epoch,
+                                       batch_index)
+        finally:
+            if isinstance(cache, _ReadAhead):
+                cache.close()
 
     def _load(self, unit: int, cache: dict[int, dict[str, list[Any]]]) -> dict[str, list[Any]]:
         if unit not in cache:
-            table = read_row_group(self.index.units[unit], READ_COLUMNS)
+            table = cache.take(unit) if isinstance(cache, _ReadAhead) else \
+                read_row_group(self.index.units[unit], READ_COLUMNS)
             cache[unit] = {name: table.column(name).to_pylist() for name in READ_COLUMNS}
         return cache[unit]
 
@@ -407,6 +421,48 @@ class ShardStream(IterableDataset):
         else:
             batch["image"] = images  # a transform that does not return tensors
         return batch
+
+
+# Row groups a worker downloads ahead of the one it decodes, when the shards are in an object
+# store (local shards are read when needed, as before: the page cache does the read-ahead).
+READ_AHEAD = 2
+
+
+def _first_seen(units: np.ndarray) -> list[int]:
+    """The distinct units in the order they are first needed."""
+    if units.size == 0:
+        return []
+    _, first = np.unique(units, return_index=True)
+    return units[np.sort(first)].tolist()
+
+
+class _ReadAhead(dict):  # type: ignore[type-arg]
+    """One worker's row-group cache over shards in an object store: while it decodes one row
+    group, the next `depth` it will need are downloaded on threads (pyarrow releases the GIL),
+    so a GET's latency overlaps decoding. At most `depth` row groups wait beyond the cache."""
+
+    def __init__(self, refs: list[RowGroupRef], order: list[int], depth: int) -> None:
+        super().__init__()
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._refs, self._order, self._depth = refs, order, depth
+        self._at = {u: i for i, u in enumerate(order)}
+        self._pending: dict[int, Any] = {}
+        self._pool = ThreadPoolExecutor(max(1, depth), thread_name_prefix="imat-read-ahead")
+
+    def take(self, unit: int) -> Any:
+        future = self._pending.pop(unit, None)
+        i = self._at.get(unit, -1)
+        for nxt in self._order[i + 1:i + 1 + self._depth]:
+            if nxt not in self._pending and nxt not in self:
+                self._pending[nxt] = self._pool.submit(read_row_group, self._refs[nxt], READ_COLUMNS)
+        return future.result() if future is not None else read_row_group(self._refs[unit], READ_COLUMNS)
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=False)
 
 
 def build_loader(data_dir: str | Path, split: str, *, transform: Callable[[Image.Image], Any] | None,

@@ -115,8 +115,9 @@ def _default_out(cfg: TrainConfig, world: D.World) -> Path:
     return Path(name[0])
 
 
-def train(cfg: TrainConfig) -> RunResult:
-    """Run (or resume) training as configured; under torchrun, every rank calls this."""
+def train(cfg: TrainConfig, *, train_rows: Any = None) -> RunResult:
+    """Run (or resume) training as configured; under torchrun, every rank calls this.
+    `train_rows`: a bool mask of the train rows to use (`imattrain audit`'s folds)."""
     auto = cfg.auto_fields()
     cfg = cfg.resolved()  # the auto recipe values (config.auto_recipe), saved as resolved
     world = D.env_world()
@@ -130,7 +131,7 @@ def train(cfg: TrainConfig) -> RunResult:
         torch.set_float32_matmul_precision("high")
     D.init(world, device)
     try:
-        return _Trainer(cfg, world, device, auto).run()
+        return _Trainer(cfg, world, device, auto, train_rows).run()
     finally:
         D.shutdown()
 
@@ -140,11 +141,12 @@ class _Trainer:
     loss scaler, EMA, run folder, best-so-far) and its loop."""
 
     def __init__(self, cfg: TrainConfig, world: D.World, device: torch.device,
-                 auto: list[str] | None = None) -> None:
+                 auto: list[str] | None = None, train_rows: Any = None) -> None:
         self.cfg, self.world, self.device = cfg, world, device
         self.auto = auto or []
         self.say = Console(world.is_main and not cfg.quiet)
-        s = self.session = Session.from_config(cfg, world, device, self.say)
+        s = self.session = Session.from_config(cfg, world, device, self.say,
+                                               train_rows=train_rows)
         self.model, self.loss_fn, self.optimizer, self.dtype = s.model, s.loss_fn, s.optimizer, s.dtype
         self.num_classes, self.class_counts = s.num_classes, s.class_counts
         self.gpu_transform = build_gpu_train_transform(cfg) if cfg.gpu_decode else None
@@ -156,7 +158,7 @@ class _Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.scaler = grad_scaler(self.dtype)
         self.cycle_ends = sgdr_cycle_ends(cfg, self.steps_per_epoch)
-        out = Path(cfg.out) if cfg.out else None
+        out = storage.location(cfg.out, "--out") if cfg.out else None
         if cfg.resume and out is None:
             raise UserError("--resume needs --out RUN_DIR (the run to continue)")
         self.paths = RunPaths(out or _default_out(cfg, world))

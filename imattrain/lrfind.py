@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from imatdata.errors import UserError
-from imatdata.storage import write_bytes_atomic
+from imatdata.storage import as_location, write_bytes_atomic
 from imattrain import distributed as D
 from imattrain.config import LRFindConfig, TrainConfig
 from imattrain.runtime import forward_backward, grad_scaler, optimizer_step, resolve_device, to_device
@@ -176,14 +176,14 @@ def plot_lr_find(result: LRFindResult, out: Path, title: str = "learning-rate ra
         fig.savefig(buf, format="png")
     finally:
         plt.close(fig)
-    out = Path(out)
+    out = as_location(out)
     write_bytes_atomic(buf.getvalue(), out)
     return out
 
 
 def default_plot_path(cfg: TrainConfig) -> Path:
     if cfg.out:
-        return Path(cfg.out) / "lr_find.png"
+        return as_location(cfg.out) / "lr_find.png"
     from datetime import datetime, timezone
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -217,7 +217,7 @@ def run_lr_find(cfg: TrainConfig, test: LRFindConfig, *,
     result = lr_range_test(model, optimizer, loss_fn, batches, start_lr=test.start_lr, end_lr=test.end_lr,
                            steps=test.steps, device=device, autocast_dtype=session.dtype,
                            channels_last=cfg.channels_last, accumulate=cfg.grad_accum)
-    plot = Path(test.plot) if test.plot is not None else default_plot_path(cfg)
+    plot = as_location(test.plot) if test.plot is not None else default_plot_path(cfg)
     plot_lr_find(result, plot, title=f"lr-find: {cfg.model}, batch {cfg.batch_size}, {cfg.optimizer}")
     write_bytes_atomic(json.dumps(result.to_dict(), indent=2).encode(), plot.with_suffix(".json"))
     return result, plot

@@ -191,6 +191,8 @@ def format_submission(ids: Sequence[str], top3: np.ndarray, labels: Sequence[int
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    if storage.is_remote(a) or storage.is_remote(b):
+        return storage.same_location(a, b)
     if storage.exists(a) and storage.exists(b):
         try:
             return os.path.samefile(a, b)  # hard links and symlinks too
@@ -208,12 +210,12 @@ def check_outputs(outputs: dict[str, Path | None], inputs: Sequence[Path], data_
     for flag, out in outputs.items():
         if out is None:
             continue
-        out = Path(out)
+        out = storage.as_location(out)
         for source in inputs:
-            if _same_file(out, Path(source)):
+            if _same_file(out, storage.as_location(source)):
                 raise UserError(f"{flag} {out} is {source}, an input of this command; write the "
                                 f"output to another file (--force never replaces an input)")
-        if data_dir is not None and out.resolve().is_relative_to(Path(data_dir).resolve()):
+        if data_dir is not None and _inside(out, storage.as_location(data_dir)):
             raise UserError(f"{flag} {out} is inside the data folder {data_dir}; write outputs "
                             f"elsewhere (a file there could be read as data, or replace a shard)")
         for other, path in seen.items():
@@ -226,11 +228,18 @@ def check_outputs(outputs: dict[str, Path | None], inputs: Sequence[Path], data_
         seen[flag] = out
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    if storage.is_remote(path) or storage.is_remote(folder):
+        return storage.is_remote(path) and storage.is_remote(folder) and \
+            str(path).startswith(str(folder).rstrip("/") + "/")
+    return path.resolve().is_relative_to(folder.resolve())
+
+
 def write_submission(path: Path, ids: Sequence[str], top3: np.ndarray,
                      labels: Sequence[int] | None = None) -> Path:
     if len(ids) != len(top3):
         raise ValueError("one prediction per id is needed")
-    path = Path(path)
+    path = storage.as_location(path)
     storage.write_bytes_atomic(format_submission(ids, top3, labels).encode("utf-8"), path)
     return path
 
@@ -243,12 +252,12 @@ def write_probs(path: Path, ids: Sequence[str], probs: np.ndarray) -> Path:
     column = pa.FixedSizeListArray.from_arrays(values, c)
     table = pa.table({"id": pa.array(list(ids), type=pa.string()), "probs": column})
     table = table.replace_schema_metadata({"num_classes": str(c)})
-    write_table_atomic(table, Path(path))
-    return Path(path)
+    write_table_atomic(table, storage.as_location(path))
+    return storage.as_location(path)
 
 
 def read_probs(path: Path) -> tuple[list[str], np.ndarray]:
-    table = read_table([Path(path)])
+    table = read_table([storage.as_location(path)])
     ids = table.column("id").to_pylist()
     flat = table.column("probs").combine_chunks()
     c = flat.type.list_size
@@ -274,7 +283,7 @@ def run_checkpoint(path: Path) -> Path:
     """A `--checkpoint` argument as a file: a run folder (or its checkpoints/ folder) means
     the run's choice, `best.pt` (the latest epoch within noise of the lowest val top-3
     error; see imattrain.selection), or `last.pt` when the run had no validation."""
-    path = Path(path)
+    path = storage.as_location(path)
     if not storage.is_dir(path):
         return path
     folder = path if storage.is_file(path / "last.pt") else path / "checkpoints"
@@ -322,7 +331,7 @@ def _natural_key(path: Path) -> list[Any]:
 
 def snapshot_paths(run_dir: Path) -> list[Path]:
     """The SGDR snapshots of one run (`RUN_DIR/checkpoints/snapshot*.pt`), in cycle order."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = storage.as_location(run_dir) / "checkpoints"
     found = sorted((p for p in storage.children(folder) if fnmatch.fnmatch(p.name, "snapshot*.pt")),
                    key=_natural_key)
     if not found:
@@ -340,7 +349,7 @@ def load_checkpoints(paths: Sequence[Path], device: torch.device, *, use_ema: bo
         raise UserError("give at least one --checkpoint (or --snapshots RUN_DIR)")
     loaded: list[LoadedCheckpoint] = []
     for given in paths:
-        path = run_checkpoint(Path(given))
+        path = run_checkpoint(storage.as_location(given))
         if not storage.is_file(path):
             raise UserError(f"checkpoint {path} does not exist")
         model, ckpt = load_model(path, device, use_ema=use_ema)
@@ -354,7 +363,7 @@ def load_checkpoints(paths: Sequence[Path], device: torch.device, *, use_ema: bo
         counts = np.asarray(ckpt.get("class_counts") if ckpt.get("class_counts") is not None
                             else np.zeros(num_classes), dtype=np.float64)
         note = checkpoint_note(path, ckpt, ema=use_ema and ckpt.get("ema") is not None,
-                               chosen=path != Path(given))
+                               chosen=path != storage.as_location(given))
         loaded.append(LoadedCheckpoint(path, model, image_size, int(resize), num_classes, counts,
                                        float(cfg.get("tau") or 0.0), note))
     sizes = {c.num_classes for c in loaded}
@@ -397,10 +406,11 @@ def split_row_ids(index: Any) -> list[str]:
 
 def infer(checkpoints: Sequence[LoadedCheckpoint], data_dir: Path, cfg: InferConfig, *,
           device: torch.device | None = None, include_missing: bool = False,
-          channels_last: bool = True) -> Predictions:
+          channels_last: bool = True, index: Any = None) -> Predictions:
     """Probabilities averaged over TTA views and checkpoints for the rows of `cfg.split`
     (all of them with `include_missing`, else those with a decodable image). `device`, when
-    given, is `cfg.device` already resolved."""
+    given, is `cfg.device` already resolved. `index`, when given, is the split's
+    `SplitIndex` already scanned (its `usable` mask may leave rows out: audit's folds)."""
     from imattrain.data import build_loader, scan_split
     from imattrain.transforms import build_eval_transform
 
@@ -411,7 +421,7 @@ def infer(checkpoints: Sequence[LoadedCheckpoint], data_dir: Path, cfg: InferCon
         raise UserError("--batch-size must be at least 1 and --workers not negative")
     device = device or resolve_device(cfg.device)
     dtype = autocast_dtype(cfg.amp, device)
-    index = scan_split(data_dir, split)
+    index = index if index is not None else scan_split(data_dir, split)
     all_ids = split_row_ids(index)
     position = {row_id: i for i, row_id in enumerate(all_ids)}
     num_classes = checkpoints[0].num_classes

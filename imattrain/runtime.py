@@ -78,9 +78,9 @@ def cpu_threads(requested: int, workers: int, ranks: int = 1, loader_cores: floa
     about 0.02-0.1 of a core, and leaving them 2 of 2 cores (the old rule, cores minus
     workers) halved the run's speed. A worker that does keep a core busy does compete:
     OpenMP splits each operation evenly over the threads, so one preempted thread stalls
-    the others; that core is left to it. (The CLI also makes idle OpenMP threads sleep
-    rather than spin, `OMP_WAIT_POLICY=PASSIVE`, see cli.main: spinning threads on a shared
-    machine slow everything else down, their own partners included.)
+    the others; that core is left to it. (Importing imattrain also makes idle OpenMP threads
+    sleep rather than spin, `OMP_WAIT_POLICY=PASSIVE`, see imattrain/__init__: spinning
+    threads on a shared machine slow everything else down, their own partners included.)
     """
     if requested:
         return requested

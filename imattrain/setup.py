@@ -7,6 +7,7 @@ seed → model and loss → optimiser, in that order, once. Loaders are built fr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from imatdata import storage
 from imatdata.errors import UserError
 from imatdata.manifest import list_shards, resolve_root
 from imattrain import distributed as D
@@ -27,7 +29,7 @@ from imattrain.transforms import build_eval_transform, build_train_transform
 
 def resolve_data_dir(data: str | None, root: str | None) -> Path:
     """--data, else <root>/clean: the one rule of run, lr-find, eval and predict."""
-    return Path(data) if data else resolve_root(root, writable=False) / "clean"
+    return storage.location(data, "--data") if data else resolve_root(root, writable=False) / "clean"
 
 
 def build_model_and_loss(cfg: TrainConfig, num_classes: int,
@@ -85,10 +87,20 @@ class Session:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, world: D.World, device: torch.device,
-                    say: Callable[[str], None] = lambda _m: None) -> Session:
+                    say: Callable[[str], None] = lambda _m: None, *,
+                    train_rows: np.ndarray | None = None) -> Session:
+        """`train_rows`: a bool mask over the train split's rows (scan order) of those to
+        train on (`imattrain audit`'s folds); the others are skipped like missing images."""
         cfg = cfg.resolved()
         data_dir = resolve_data_dir(cfg.data, cfg.root)
         train_index = scan_split(data_dir, cfg.train_split)
+        missing = int((~train_index.usable).sum())
+        if train_rows is not None:
+            if len(train_rows) != train_index.num_rows:
+                raise UserError(f"the fold mask has {len(train_rows)} rows, split "
+                                f"{cfg.train_split!r} {train_index.num_rows}: the shards changed")
+            train_index = dataclasses.replace(
+                train_index, usable=train_index.usable & np.asarray(train_rows, bool))
         val_index = None
         if cfg.val_split:
             if list_shards(data_dir / cfg.val_split):
@@ -102,7 +114,6 @@ class Session:
         if val_index is not None:
             validate_labels(val_index, num_classes, cfg.val_split)
         counts = train_index.class_counts(num_classes)
-        missing = int((~train_index.usable).sum())
         if missing:
             say(f"note: {missing} train rows have no usable image (status != ok); skipped")
         repeat = None

@@ -72,3 +72,14 @@ def tmp_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "manifests"
     monkeypatch.setenv("IMAT_ROOT", str(root))
     return root
+
+
+@pytest.fixture
+def restore_torch_threads() -> Iterator[None]:
+    """Put torch's intra-op thread count back after the test (a run on a CPU device sets it,
+    and it is process-wide). Opt in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch  # here, not at the top: most test files never load torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

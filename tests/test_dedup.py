@@ -195,3 +195,70 @@ def test_star_groups_never_chain() -> None:
     groups = [g.tolist() for g in dedup.star_groups(7, i, j, rank)]
     assert groups == [[1, 0, 2], [4, 5]]
     assert dedup.star_groups(3, np.empty(0, np.int64), np.empty(0, np.int64), np.arange(3)) == []
+
+
+@pytest.mark.parametrize("d", [0, 2, 4, 7])
+def test_cross_search_equals_brute_force(d: int) -> None:
+    hashes, _ = planted_hashes(2000, d, seed=10 + d)
+    g = np.random.default_rng(d)
+    queries = hashes[g.choice(hashes.size, 700)].copy()
+    queries[::2] = [flip_bits(q, g.choice(64, int(g.integers(0, d + 2)), replace=False)) for q in queries[::2]]
+    found = [np.concatenate(c) for c in zip(*dedup.iter_cross_pairs(queries, hashes, d, chunk_pairs=997))]
+    got = set(zip(*(x.tolist() for x in found))) if found else set()
+    assert not found or len(got) == found[0].size, "a pair was reported twice"
+    dist = dedup.hamming(queries[:, None], hashes[None, :])
+    q, j = np.nonzero(dist <= d)
+    assert got == set(zip(q.tolist(), j.tolist(), dist[q, j].tolist()))
+    assert len(got) >= 700 // 2  # the planted ones at least: the test cannot pass empty
+
+
+def test_window_hashes_batch_and_whole_window() -> None:
+    g = np.random.default_rng(4)
+    grey = (g.random((6, 32, 32)) * 255).astype(np.uint8)
+    batch = dedup.window_hashes(grey)
+    assert batch.shape == (6, dedup.N_WINDOWS) and batch.dtype == np.uint64
+    assert all((dedup.window_hashes(grey[k]) == batch[k]).all() for k in range(6))
+    # A window is the phash of that part of the picture: a smooth image cropped by the crop
+    # window's trims hashes (almost) like the window.
+    from PIL import Image
+
+    cells = (np.random.default_rng(6).random((7, 7)) * 255).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(cells).resize((320, 320), Image.Resampling.BICUBIC), np.float64)
+
+    def grey32(img: np.ndarray) -> np.ndarray:
+        from PIL import Image
+        return np.asarray(Image.fromarray(img.astype(np.uint8)).resize((32, 32), Image.Resampling.LANCZOS))
+
+    from imatdata.clean.checks import phash_int64
+
+    def phash(img: np.ndarray) -> np.int64:
+        return np.int64(phash_int64(Image.fromarray(img.astype(np.uint8))))
+
+    windows = dedup.window_hashes(grey32(smooth))
+    for k, (left, top, right, bottom) in enumerate(dedup.CROP_WINDOWS):
+        crop = smooth[round(320 * top):320 - round(320 * bottom), round(320 * left):320 - round(320 * right)]
+        near, whole = dedup.hamming(windows[k].view(np.int64), phash(crop)), dedup.hamming(phash(smooth), phash(crop))
+        assert near <= 2 < whole, (k, near, whole)
+
+
+def test_confirmed_pairs_with_windows() -> None:
+    # Row 1's phash is far from row 0's, but row 0's crop window is close to it (a crop);
+    # rows 2 and 3 share a top half only; rows 4.. share one blank half (common: ignored).
+    g = np.random.default_rng(5)
+    n = 8 + dedup.COMMON_WINDOW
+    hashes = g.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, n, dtype=np.int64)
+    windows = g.integers(0, 2**63, (n, dedup.N_WINDOWS), dtype=np.int64).view(np.uint64)
+    windows[0, 2] = np.array([flip_bits(hashes[1], [3, 9])]).view(np.uint64)[0]
+    top = len(dedup.CROP_WINDOWS)
+    windows[3, top] = windows[2, top] ^ np.uint64(1)
+    windows[4:, top + 1] = np.uint64(1) << np.uint64(63)
+    sig = g.integers(0, 256, dedup.SIG_BYTES, dtype=np.uint8)
+    signatures = np.tile(sig, (n, 1))  # every pair would be confirmed: the candidates decide
+    count = dedup.PairCount()
+    i, j, d = dedup.confirmed_pairs(hashes, signatures, 4, windows=windows, count=count)
+    assert sorted(zip(i.tolist(), j.tolist(), d.tolist())) == [(0, 1, 2), (2, 3, 1)]
+    assert count.confirmed == 2
+    # At distance 0 only equal phashes are candidates.
+    assert dedup.confirmed_pairs(hashes, signatures, 0, windows=windows)[0].size == 0
+    # Without windows the crop and the half are not found.
+    assert dedup.confirmed_pairs(hashes, signatures, 4)[0].size == 0

@@ -15,13 +15,7 @@ from imattrain.config import AUTO_FIELDS, TrainConfig, auto_recipe, load_toml
 from train_shards import make_dataset
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 def test_auto_recipe_follows_the_run_length() -> None:

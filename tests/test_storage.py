@@ -73,25 +73,34 @@ def test_replace_and_remove_tree(tmp_path: Path) -> None:
     assert not storage.exists(final)
 
 
-@pytest.mark.parametrize("text", ["s3://bucket/prefix", "gs://b/p", "https://host/x"])
+@pytest.mark.parametrize("text", ["gs://b/p", "https://host/x"])
 def test_urls_are_refused_in_one_line_not_made_into_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              text: str) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"^--root .*: only local folders are supported"):
+    with pytest.raises(UserError, match=r"^--root .*: only local folders and s3://bucket/prefix are supported"):
         resolve_root(text)
     monkeypatch.setenv("IMAT_ROOT", text)
-    with pytest.raises(UserError, match=r"^IMAT_ROOT .*: only local folders are supported"):
+    with pytest.raises(UserError, match=r"^IMAT_ROOT .*: only local folders and s3://bucket/prefix are supported"):
         resolve_root(None)
     assert list(tmp_path.iterdir()) == []
     assert storage.location("relative/s3:/x") == Path("relative/s3:/x")  # only a scheme at the start
+    assert isinstance(storage.location("s3://bucket/prefix"), storage.S3Path)
 
 
-def test_cli_refuses_an_s3_root_with_one_line(tmp_path: Path) -> None:
+def test_cli_s3_root_at_an_unreachable_endpoint_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_EC2_METADATA_DISABLED": "true", "IMAT_S3_CONNECT_TIMEOUT": "1"}
     script = str(Path(sys.executable).with_name("imatdata"))
     proc = subprocess.run([script, "stats", "--root", "s3://bucket/prefix"], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+                          timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "only local folders are supported" in proc.stderr
+    assert f"cannot reach the S3 endpoint http://127.0.0.1:{port}" in proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -4,6 +4,9 @@ are measured to keep busy (runtime.cpu_threads, runtime.LoaderLoad, engine)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +19,7 @@ from imattrain.runtime import LoaderLoad, cpu_threads
 from train_shards import make_dataset
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 @pytest.mark.parametrize("cores", [2, 16])
@@ -73,3 +70,48 @@ def test_a_run_with_idle_workers_trains_on_every_core(tmp_path: Path,
     assert "model runs on" in result.output
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["data_state"]["threads"] == record["threads"]  # what --resume keeps
+
+
+# A fresh interpreter that imports `first`, then runs one torch operation so the OpenMP runtime
+# is loaded, and prints the OMP_WAIT_POLICY its environment ends up with. With
+# OMP_DISPLAY_ENV=VERBOSE, GNU OpenMP (torch's on Linux) prints the settings it read as it
+# loads: GOMP_SPINCOUNT is 0 when idle threads sleep and 300000 (or more) when they spin.
+_PROBE = """
+import importlib, os, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+import torch
+torch.ones(64, 64) @ torch.ones(64, 64)
+print(os.environ.get("OMP_WAIT_POLICY", "<unset>"))
+"""
+
+
+def _probe(*first: str, policy: str | None) -> tuple[str, str | None]:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(OMP_DISPLAY_ENV="VERBOSE", **({"OMP_WAIT_POLICY": policy} if policy else {}))
+    done = subprocess.run([sys.executable, "-c", _PROBE, *first], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    spin = [line.split("=", 1)[1].strip(" '") for line in done.stderr.splitlines()
+            if line.strip().startswith("GOMP_SPINCOUNT")]
+    return done.stdout.strip(), (spin[0] if spin else None)
+
+
+def test_importing_the_library_makes_idle_openmp_threads_sleep() -> None:
+    # A library caller (no `imattrain` command): the package sets it before torch loads.
+    policy, spin = _probe("imattrain.engine", policy=None)
+    assert policy == "PASSIVE"
+    if spin is not None:  # GNU OpenMP: the runtime itself read it
+        assert spin == "0"
+
+
+def test_the_users_wait_policy_wins_and_a_loaded_torch_is_left_alone() -> None:
+    policy, spin = _probe("imattrain.engine", policy="ACTIVE")
+    assert policy == "ACTIVE"
+    if spin is not None:
+        assert spin != "0"
+    # torch loaded first: too late for this process; the environment is not changed.
+    policy, spin = _probe("torch", "imattrain.engine", policy=None)
+    assert policy == "<unset>"
+    if spin is not None:
+        assert spin != "0"

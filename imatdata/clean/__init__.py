@@ -32,11 +32,16 @@ Checks, in order of precedence (a row gets the first reason that applies):
 8. `duplicate` / `near_duplicate` - the other rows of a group (per split) go, keeping the
    largest original (area, then bytes served, then input order). `duplicate` when the row's
    sha256 equals the kept row's, `near_duplicate` otherwise. detail `kept=<id> distance=<d>`.
+9. `label_noise` - with `--drop-ids FILE` (`imattrain audit`'s suspects.parquet): the train
+   rows it names (`--min-score S`: those scoring at least S). detail `score=<s>
+   suggested=<class>`. See `label_noise`.
 
 Duplicate groups. Two rows are *exact* duplicates when the sha256 of the body as served is
 equal (fetch's `sha256` column; when it is missing, the sha256 of the stored bytes). They
 are *near* duplicates when their 64-bit perceptual hashes differ in at most
-`--hash-distance` bits (the candidates) *and* a second look confirms them: their signatures
+`--hash-distance` bits (the candidates; also when a crop window of one is that close to the
+other's hash, or their top or bottom halves are within half as many bits, see
+`dedup.confirmed_pairs`) *and* a second look confirms them: their signatures
 (luma 8x8 and chroma 4x4 thumbnails from the same decode) agree within what a re-encode,
 resize, small crop, brightness change or overlaid text leaves (`dedup.confirm_pairs`).
 A group is one representative (the largest original) and the rows exact or confirmed
@@ -63,7 +68,7 @@ from imatdata.errors import UserError
 from imatdata.lazy import exports
 
 if TYPE_CHECKING:
-    from imatdata.clean import resolve
+    from imatdata.clean import label_noise, resolve
     from imatdata.clean.checks import check_rows as _pass1
     from imatdata.clean.checks import hash_batch, image_phash, image_signature, phash_int64
     from imatdata.clean.report import CleanResult, ProgressFn, RichProgress, SplitReport, render_report
@@ -78,6 +83,7 @@ if TYPE_CHECKING:
 # `_pass1` (to pause a run holding the lock) or `write_table_atomic` (to fail a write).
 _LAZY = {
     "resolve": "imatdata.clean.resolve",
+    "label_noise": "imatdata.clean.label_noise",
     "_pass1": "imatdata.clean.checks:check_rows",
     "_recover": "imatdata.clean.resolve:recover",
     "hash_batch": "imatdata.clean.checks:hash_batch",
@@ -113,14 +119,19 @@ def clean(root: Path, config: CleanConfig | None = None, *, progress: ProgressFn
     """Run every check over `root/raw` and replace `root/clean` with the result."""
     _load()
     cfg = config or CleanConfig()
-    root = Path(root)
+    from imatdata.storage import as_location
+
+    root = as_location(root)  # a Path, or an S3Path for s3://
     raw = root / "raw"
     splits = _raw_splits(raw)
+    # Checked before the lock and before anything is written: a bad file changes nothing.
+    suspects = (label_noise.read_suspects(cfg.drop_ids, cfg.min_score)
+                if cfg.drop_ids is not None else None)
     # One clean per root at a time: a second one would delete the first's staging folder.
     # The root folder itself is locked, so no lock file is ever left in it.
     with RunLock(root, f"another imatdata clean is running on {root}; wait for it to finish, "
                        "or stop it, and run clean again"):
-        result = _clean_locked(root, raw, splits, cfg, progress)
+        result = _clean_locked(root, raw, splits, cfg, progress, suspects)
         if write_stats:
             from imatdata.stats import write_stats as refresh_stats
 
@@ -140,13 +151,15 @@ def _raw_splits(raw: Path) -> list[str]:
 
 
 def _clean_locked(root: Path, raw: Path, splits: list[str], cfg: CleanConfig,
-                  progress: ProgressFn | None) -> CleanResult:
+                  progress: ProgressFn | None, suspects: label_noise.Suspects | None = None,
+                  ) -> CleanResult:
     _recover(root)
     t0 = time.perf_counter()
     rows = _pass1(raw, splits, cfg, progress)
     t1 = time.perf_counter()
     links = resolve.find_links(rows, cfg)
     resolve.resolve_groups(rows, links, cfg)
+    noise = label_noise.mark(rows, suspects) if suspects is not None else None
     t2 = time.perf_counter()
     with resolve.new_clean_dir(root) as staging:
         reports, dropped, flags = resolve.write_splits(raw, staging, rows, progress)
@@ -159,7 +172,7 @@ def _clean_locked(root: Path, raw: Path, splits: list[str], cfg: CleanConfig,
         dropped_path=final / "dropped.parquet", flags_path=final / "flags.parquet",
         hashed=int(rows.has_hash.sum()), groups=len(links.groups),
         candidate_pairs=links.pairs.candidates, confirmed_pairs=links.pairs.confirmed,
-        hash_seconds=t1 - t0, dedup_seconds=t2 - t1, write_seconds=t3 - t2,
+        hash_seconds=t1 - t0, dedup_seconds=t2 - t1, write_seconds=t3 - t2, label_noise=noise,
     )
 
 

@@ -15,7 +15,9 @@ compares them): an 8x8 luma thumbnail and 4x4 chroma thumbnails, 66 bytes (layou
 `dedup`), the luma from the 32x32 resize phash makes anyway. A colour JPEG is drafted as
 YCbCr rather than L: its Y plane is the very plane an L draft gives (so the phash is
 unchanged), and the chroma costs ~10% more decoding time, which computing phash's steps
-here (one resize for phash and signature) rather than through imagehash wins back.
+here (one resize for phash and signature) rather than through imagehash wins back. The
+32x32 grey image also gives the *window hashes* (`dedup.window_hashes`: crop windows and
+halves, more candidates for the search), made for a whole batch at once in `hash_batch`.
 
 Hashing runs in a process pool (spawn-safe: the worker is a top-level function over plain
 bytes) fed with batches streamed one row group at a time, with at most two batches per
@@ -33,7 +35,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ from PIL import Image
 
 from imatdata import storage
 from imatdata.clean.config import CleanConfig
-from imatdata.clean.dedup import SIG_C_SIDE, SIG_Y_LEVELS, SIG_Y_SIDE
+from imatdata.clean.dedup import SIG_C_SIDE, SIG_Y_LEVELS, SIG_Y_SIDE, window_hashes
 from imatdata.clean.report import ProgressFn
 from imatdata.clean.rows import Rows, raw_batches
 from imatdata.manifest import list_shards
@@ -86,25 +88,34 @@ def _decode_for_hash(data: bytes) -> tuple[Image.Image, int, int]:
     return img, width, height
 
 
-def _look(img: Image.Image) -> tuple[int, bytes]:
-    """The phash and the signature of a decoded image."""
+def _look(img: Image.Image) -> tuple[int, bytes, np.ndarray]:
+    """The phash, the signature and the 32x32 grey image (uint8) the window hashes are made of
+    (`dedup.window_hashes`, a batch at a time)."""
     if img.mode != "YCbCr":
         # A grey, CMYK or non-JPEG image: imagehash converts it to L for the phash as it does
         # for any input; the signature wants YCbCr.
         ycc = img.convert("YCbCr")
-        return phash_int64(img), _signature(ycc.getchannel(0).resize((PHASH_SIDE, PHASH_SIDE), _PHASH_FILTER), ycc)
+        grey = np.asarray(ycc.getchannel(0).resize((PHASH_SIDE, PHASH_SIDE), _PHASH_FILTER))
+        return phash_int64(img), _signature(grey, ycc), grey
     # imagehash.phash's own steps on the Y plane (bit for bit its result), done here so that
-    # the signature reuses its 32x32 resize.
-    y32 = img.getchannel(0).resize((PHASH_SIDE, PHASH_SIDE), _PHASH_FILTER)
-    dct = scipy.fftpack.dct(scipy.fftpack.dct(np.asarray(y32), axis=0), axis=1)[:8, :8]
-    bits = np.packbits((dct > np.median(dct)).ravel())
-    return int.from_bytes(bits.tobytes(), "big", signed=True), _signature(y32, img)
+    # the signature and the window hashes reuse its 32x32 resize.
+    grey = np.asarray(img.getchannel(0).resize((PHASH_SIDE, PHASH_SIDE), _PHASH_FILTER))
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(grey, axis=0), axis=1)[:8, :8].ravel()
+    ranked = np.sort(dct)
+    # np.median's value for 64 numbers, computed as it does (the mean of the middle two).
+    bits = np.packbits(dct > (ranked[31] + ranked[32]) / 2)
+    return int.from_bytes(bits.tobytes(), "big", signed=True), _signature(grey, img), grey
 
 
-def _signature(y32: Image.Image, ycc: Image.Image) -> bytes:
-    """The signature (layout in `dedup`): luma 8x8 (cell means of phash's 32x32) at 4 bits
-    between its min and max, which lead, one byte each; then Cb and Cr 4x4 at 8 bits."""
-    y = np.asarray(y32.reduce(PHASH_SIDE // SIG_Y_SIDE), np.int32).ravel()
+_CELL = PHASH_SIDE // SIG_Y_SIDE
+
+
+def _signature(grey: np.ndarray, ycc: Image.Image) -> bytes:
+    """The signature (layout in `dedup`): luma 8x8 (cell means of phash's 32x32, rounded half
+    up as Pillow's `reduce` does) at 4 bits between its min and max, which lead, one byte
+    each; then Cb and Cr 4x4 at 8 bits."""
+    sums = grey.reshape(SIG_Y_SIDE, _CELL, SIG_Y_SIDE, _CELL).sum(axis=(1, 3), dtype=np.int32).ravel()
+    y = (sums + _CELL * _CELL // 2) // (_CELL * _CELL)
     lo, hi = int(y.min()), int(y.max())
     span = max(hi - lo, 1)
     levels = (((y - lo) * (SIG_Y_LEVELS - 1) + span // 2) // span).astype(np.uint8)
@@ -116,6 +127,12 @@ def image_phash(data: bytes) -> int:
     """The phash clean stores for these image bytes (raises if they do not decode)."""
     img, _, _ = _decode_for_hash(data)
     return _look(img)[0]
+
+
+def image_windows(data: bytes) -> np.ndarray:
+    """The window hashes clean searches for these image bytes (`dedup.window_hashes`)."""
+    img, _, _ = _decode_for_hash(data)
+    return window_hashes(_look(img)[2])
 
 
 def image_signature(data: bytes) -> bytes:
@@ -132,24 +149,29 @@ class HashedRow:
     error: str | None  # why the bytes are broken
     sha256: bytes | None  # digest of the stored bytes, when asked for
     signature: bytes | None = None  # what confirms a phash match (`image_signature`)
+    windows: bytes | None = None  # more candidates: crop windows and halves (`image_windows`)
 
 
 def hash_batch(images: Sequence[bytes | None], want_sha: Sequence[bool]) -> list[HashedRow]:
     """Decode and hash a batch of stored images. A top-level function: spawn-safe."""
-    return [_hash_one(data, sha) for data, sha in zip(images, want_sha)]
+    looked = [_hash_one(data, sha) for data, sha in zip(images, want_sha)]
+    greys = [grey for _, grey in looked if grey is not None]
+    windows = iter(window_hashes(np.stack(greys)) if greys else ())
+    return [replace(row, windows=next(windows).tobytes()) if grey is not None else row for row, grey in looked]
 
 
-def _hash_one(data: bytes | None, want_sha: bool) -> HashedRow:
+def _hash_one(data: bytes | None, want_sha: bool) -> tuple[HashedRow, np.ndarray | None]:
+    """The row's findings (windows still to come) and the grey 32x32 they come from."""
     if data is None:
-        return HashedRow(None, None, None, "status is ok but the row has no image bytes", None)
+        return HashedRow(None, None, None, "status is ok but the row has no image bytes", None), None
     digest = hashlib.sha256(data).digest() if want_sha else None
     try:
         img, width, height = _decode_for_hash(data)
-        ph, signature = _look(img)
+        ph, signature, grey = _look(img)
     except Exception as exc:  # any decoder failure is the finding, not a crash
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return HashedRow(None, None, None, f"does not decode: {msg}", digest)
-    return HashedRow(ph, width, height, None, digest, signature)
+        return HashedRow(None, None, None, f"does not decode: {msg}", digest), None
+    return HashedRow(ph, width, height, None, digest, signature), grey
 
 
 def _ignore_sigint() -> None:
@@ -181,9 +203,10 @@ def _check_decoded(rows: Rows, g: int, meta: dict[str, Any], hashed: HashedRow) 
         rows.set_reason(g, "broken", hashed.error)
         return False
     assert hashed.phash is not None and hashed.width is not None and hashed.height is not None
-    assert hashed.signature is not None
+    assert hashed.signature is not None and hashed.windows is not None
     rows.phash[g] = hashed.phash
     rows.signature[g] = np.frombuffer(hashed.signature, np.uint8)
+    rows.windows[g] = np.frombuffer(hashed.windows, np.uint64)
     rows.has_hash[g] = True
     sw, sh = meta["width"], meta["height"]
     if (sw is not None and sw != hashed.width) or (sh is not None and sh != hashed.height):

@@ -8,6 +8,7 @@ imports (no PIL, pyarrow, imagehash): the CLI reads this module to build its fla
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from imatdata.errors import UserError
@@ -29,10 +30,17 @@ class CleanConfig:
                              "served) or off (no duplicate, placeholder, leak or label-conflict "
                              "checks).", metavar="|".join(DEDUP_MODES).upper())
     hash_distance: int = opt(4, "Near-duplicate candidates: phash Hamming distance at most this many "
-                                "bits (each is then confirmed by a second look; 10 also finds crops).")
+                                "bits, also from a crop window of one image to the other's phash, and half "
+                                "as many between top or bottom halves (each then confirmed by a "
+                                "second look).")
     placeholder_min_urls: int = opt(10, "A duplicate group with at least this many URLs...")
     placeholder_min_classes: int = opt(3, "...over at least this many classes is a placeholder: "
                                           "all of it is dropped.")
+    drop_ids: str | None = opt(None, "Also drop the train rows this file names (reason label_noise): "
+                                     "`imattrain audit`'s suspects.parquet, or any Parquet with an "
+                                     "id column.", metavar="FILE")
+    min_score: float | None = opt(None, "With --drop-ids: only the rows whose score column is at "
+                                        "least this (default: every row of the file).")
     # None: every core this process may use; 1: hash in this process.
     workers: int | None = opt(None, "Hashing processes (default: all cores).")
     batch_rows: int = 256  # rows per hashing task (bytes of ~256 images in flight per worker)
@@ -55,6 +63,10 @@ class CleanConfig:
             raise UserError("--placeholder-min-classes must be at least 1")
         if self.workers is not None and self.workers < 1:
             raise UserError("--workers must be at least 1")
+        if self.min_score is not None and self.drop_ids is None:
+            raise UserError("--min-score needs --drop-ids FILE (the suspects it filters)")
+        if self.min_score is not None and not math.isfinite(self.min_score):
+            raise UserError(f"--min-score must be a finite number (got {self.min_score})")
         if self.batch_rows < 1:
             raise ValueError("batch_rows must be at least 1")
 

@@ -41,6 +41,7 @@ class CleanResult:
     dedup_seconds: float = 0.0
     write_seconds: float = 0.0
     stats_written: bool = False
+    label_noise: Any = None  # label_noise.LabelNoiseReport with --drop-ids
 
     @property
     def total_dropped(self) -> int:
@@ -80,6 +81,8 @@ def render_report(result: CleanResult, console: Any) -> None:
         f"written in {result.write_seconds:.1f} s (dedup={result.config.dedup}, "
         f"distance {result.config.hash_distance})"
     )
+    if result.label_noise is not None:
+        console.print(result.label_noise.line())
     console.print(f"dropped rows: {result.dropped_path}")
     console.print(f"flagged test rows: {result.flags_path}")
 

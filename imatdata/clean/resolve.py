@@ -102,7 +102,7 @@ def find_links(rows: Rows, cfg: CleanConfig) -> Links:
     links.node_of[links.nodes.rows] = np.repeat(np.arange(lead.size), np.diff(links.nodes.starts))
     if cfg.dedup == "near":
         links.i, links.j, _ = dedup.confirmed_pairs(rows.phash[lead], rows.signature[lead], cfg.hash_distance,
-                                                    count=links.pairs)
+                                                    windows=rows.windows[lead], count=links.pairs)
         links.link_set = set(zip(links.i.tolist(), links.j.tolist()))
     # The representative is the node the keeper would come from: largest original, then
     # the larger body as served, then input order.
@@ -306,6 +306,9 @@ def staging_paths(root: Path) -> tuple[Path, Path, Path]:
 
 def recover(root: Path) -> None:
     """Undo what a crash between the two renames of a previous run left behind."""
+    if storage.is_remote(root):  # S3: generations, see imatdata.storage
+        storage.recover_generations(root / "clean")
+        return
     final, staging, old = staging_paths(root)
     if storage.exists(old) and not storage.exists(final):
         storage.replace(old, final)
@@ -318,6 +321,10 @@ def recover(root: Path) -> None:
 def new_clean_dir(root: Path) -> Iterator[Path]:
     """The staging folder to build the next clean/ in: swapped in when the block completes,
     removed (leaving the previous clean/ as it was) when it fails or is interrupted."""
+    if storage.is_remote(root):  # S3 has no rename: a new generation, see imatdata.storage
+        with storage.new_generation(root / "clean") as generation:
+            yield generation
+        return
     final, staging, old = staging_paths(root)
     try:
         yield staging

@@ -3,7 +3,8 @@
 Pass 1 (`checks`) fills a `Rows` table; `resolve` reads it to group duplicates, adds its
 own reasons, and streams raw/ a second time to write the kept rows. The table holds ids,
 labels, sizes, hashes and signatures only, never image bytes, so a million rows fit in
-memory (~145 bytes a row besides the ids and details, 66 of them the signature).
+memory (~200 bytes a row besides the ids and details: 66 of them the signature, 56 the
+window hashes).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from imatdata.clean.dedup import SIG_BYTES
+from imatdata.clean.dedup import N_WINDOWS, SIG_BYTES
 from imatdata.manifest import DROP_REASONS, read_row_group, row_groups
 
 KEEP = 0  # reason code of a row no check has dropped (yet)
@@ -42,6 +43,7 @@ class Rows:
     phash: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     has_hash: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     signature: np.ndarray = field(default_factory=lambda: np.zeros((0, SIG_BYTES), np.uint8))
+    windows: np.ndarray = field(default_factory=lambda: np.zeros((0, N_WINDOWS), np.uint64))
     reason: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
     detail: dict[int, str] = field(default_factory=dict)
 
@@ -56,6 +58,7 @@ class Rows:
         self.phash = np.zeros(n, np.int64)
         self.has_hash = np.zeros(n, bool)
         self.signature = np.zeros((n, SIG_BYTES), np.uint8)
+        self.windows = np.zeros((n, N_WINDOWS), np.uint64)
         self.reason = np.zeros(n, np.int8)
 
     def id_of(self, g: int) -> str:

@@ -86,16 +86,37 @@ def index_store(root: Path, split: str) -> StoreIndex:
     shards = list_shards(split_dir(root, "raw", split))
     files = shards + journal_files(root, split)
     parts: list[tuple[np.ndarray, ...]] = []
-    for n, path in enumerate(files):
-        try:
-            parts.extend(_index_file(path, n, split, is_journal=n >= len(shards)))
-        except (pa.ArrowException, OSError) as exc:
-            raise UserError(f"{path}: unreadable ({exc}); move it away and rerun to fetch its rows again") from None
+    if storage.is_remote(root):
+        parts = _index_remote(files, len(shards), split)
+    else:
+        for n, path in enumerate(files):
+            try:
+                parts.extend(_index_file(path, n, split, is_journal=n >= len(shards)))
+            except (pa.ArrowException, OSError) as exc:
+                raise UserError(f"{path}: unreadable ({exc}); move it away and rerun to fetch its rows again") from None
 
     def cat(i: int, dtype: Any) -> np.ndarray:
         return np.concatenate([p[i] for p in parts]) if parts else np.empty(0, dtype=dtype)
 
     return StoreIndex(files, cat(0, np.int32), cat(1, np.uint64), cat(2, np.uint8), cat(3, bool))
+
+
+def _index_remote(files: list[Path], shards: int, split: str) -> list[tuple[np.ndarray, ...]]:
+    """`_index_file` of every file in an object store, several at a time: each open costs a
+    round trip or three, which threads overlap (pyarrow releases the GIL while it waits)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(n: int) -> list[tuple[np.ndarray, ...]]:
+        try:
+            return list(_index_file(files[n], n, split, is_journal=n >= shards))
+        except storage.StorageError:
+            raise
+        except (pa.ArrowException, OSError) as exc:
+            raise UserError(f"{files[n]}: unreadable ({exc}); move it away and rerun to fetch its rows "
+                            "again") from None
+
+    with ThreadPoolExecutor(8, thread_name_prefix="imat-index") as pool:
+        return [part for parts in pool.map(one, range(len(files))) for part in parts]
 
 
 def _index_file(path: Path, n: int, split: str, is_journal: bool) -> Iterator[tuple[np.ndarray, ...]]:
@@ -325,12 +346,13 @@ def seal_journal(root: Path, split: str, shard_rows: int, stop: threading.Event 
     rows = sum(n for _, n in take)
     writer = ShardWriter(folder, RAW_SCHEMA, shard_rows=rows, start_index=_next_shard_index(folder))
     invalid: list[pa.RecordBatch] = []
+    sources = _read_ahead([p for p, _ in take]) if storage.is_remote(root) else iter(p for p, _ in take)
     try:
-        for path, _ in take:
+        for (path, _), source in zip(take, sources):
             if stop is not None and stop.is_set():
                 writer.abort()
                 return None
-            with storage.parquet_file(path) as pf:
+            with _open_parquet(source) as pf:
                 for batch in pf.iter_batches(batch_size=128):  # images inside: a bounded slice at a time
                     is_invalid = pc.equal(batch.column("status"), "invalid")
                     invalid.append(batch.filter(is_invalid))
@@ -352,6 +374,8 @@ def _oldest_shard_of_journal(root: Path, split: str, shard_rows: int,
     files = journal_files(root, split)
     for gone in counts.keys() - set(files):
         del counts[gone]
+    if storage.is_remote(root):  # each footer is a round trip or three: fetch them together
+        counts.update(_row_counts([p for p in files if p not in counts and not p.stem.endswith(_CARRIED)]))
     for path in files:
         if path.stem.endswith(_CARRIED):
             n = 0  # invalid rows only, carried again: they never fill a shard
@@ -367,14 +391,27 @@ def _oldest_shard_of_journal(root: Path, split: str, shard_rows: int,
     return []
 
 
+def _row_counts(paths: list[Path]) -> dict[Path, int]:
+    """{path: rows} of stored files in an object store, read several at a time."""
+    if not paths:
+        return {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    def rows(path: Path) -> int:
+        with storage.parquet_file(path) as pf:
+            return int(pf.metadata.num_rows)
+
+    with ThreadPoolExecutor(8, thread_name_prefix="imat-footers") as pool:
+        return dict(zip(paths, pool.map(rows, paths)))
+
+
 def _carry_and_remove(taken: list[Path], carried: pa.Table) -> None:
     """Write the invalid rows of sealed journal files to one carried file, then drop those files."""
     carry = taken[-1].with_name(taken[-1].stem + _CARRIED + ".parquet")  # sorts just before taken[-1]
     if carried.num_rows:
         write_table_atomic(carried, carry, compression="none")
-    for path in taken:
-        if path != carry or not carried.num_rows:  # an older carry of that name was just replaced
-            storage.remove(path)
+    storage.remove_all([path for path in taken
+                        if path != carry or not carried.num_rows])  # an older carry of that name was just replaced
     storage.fsync_dir(taken[0].parent)
 
 
@@ -479,8 +516,7 @@ def finalize_split(root: Path, split: str, wanted: np.ndarray, shard_rows: int) 
     if not paths:  # an empty split still gets one (empty) shard so readers see the split exists
         write_table_atomic(RAW_SCHEMA.empty_table(), folder / shard_name(0))
         paths = [folder / shard_name(0)]
-    for p in journal:
-        storage.remove(p)
+    storage.remove_all(journal)
     counts = Counter(STATUSES[c] for c in index.status[keep_rows].tolist())
     by_status = {s: counts[s] for s in STATUSES if counts.get(s, 0)}
     return by_status | {"records": int(keep_rows.size)}, paths, int(np.count_nonzero(~in_input))
@@ -502,17 +538,45 @@ def _settle_files(index: StoreIndex, keep: np.ndarray, folder: Path, shards: int
             for batch in _kept_batches(path, keep[starts[n]:starts[n + 1]]):
                 writer.write_batch(batch)
     if kept[shards:].any():
+        journal = [n for n in range(shards, len(index.files)) if kept[n]]
+        sources = _read_ahead([index.files[n] for n in journal]) if storage.is_remote(folder) else \
+            iter([index.files[n] for n in journal])
         with ShardWriter(folder, RAW_SCHEMA, shard_rows=shard_rows, start_index=_next_shard_index(folder)) as writer:
-            for n in range(shards, len(index.files)):
-                for batch in _kept_batches(index.files[n], keep[starts[n]:starts[n + 1]]):
+            for n, source in zip(journal, sources):
+                for batch in _kept_batches(source, keep[starts[n]:starts[n + 1]]):
                     writer.write_batch(batch)
 
 
-def _kept_batches(path: Path, mask: np.ndarray) -> Iterator[pa.RecordBatch]:
-    """The rows of one stored file where `mask` (one bool per row) is set, batch by batch."""
+def _read_ahead(paths: list[Path], depth: int = 2) -> Iterator[pa.Buffer]:
+    """The bytes of each file in an object store, in order, the next `depth` downloading
+    while one is used (journal files are small: at most `journal_bytes` each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(depth, thread_name_prefix="imat-read-ahead") as pool:
+        pending = [pool.submit(storage.read_bytes, p) for p in paths[:depth]]
+        for i in range(len(paths)):
+            data = pending[i].result()
+            if i + depth < len(paths):
+                pending.append(pool.submit(storage.read_bytes, paths[i + depth]))
+            pending[i] = None  # type: ignore[call-overload]
+            yield pa.py_buffer(data)
+
+
+def _open_parquet(source: Path | pa.Buffer) -> Any:
+    """A stored file, or its bytes already downloaded (`_read_ahead`), as a ParquetFile."""
+    if isinstance(source, pa.Buffer):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(pa.BufferReader(source))
+    return storage.parquet_file(source)
+
+
+def _kept_batches(path: Path | pa.Buffer, mask: np.ndarray) -> Iterator[pa.RecordBatch]:
+    """The rows of one stored file (or its bytes) where `mask` (one bool per row) is set,
+    batch by batch."""
     if not mask.any():
         return
-    with storage.parquet_file(path) as pf:
+    with _open_parquet(path) as pf:
         at = 0
         for batch in pf.iter_batches(batch_size=1024, columns=RAW_SCHEMA.names):
             part = mask[at:at + batch.num_rows]

@@ -65,7 +65,7 @@ def write_stats(root: Path, stage: str | None = None, tree: Path | None = None, 
     With `quiet=False` the tables are printed (to `console`, a rich Console, or stdout).
     `tree` is a product-tree JSON file, the word "packaged", or None for no hierarchy.
     """
-    root = Path(root)
+    root = storage.as_location(root)
     result = compute_stats(root, stage, tree, options=options)
     write_outputs(result, root)
     if not quiet:
@@ -81,7 +81,7 @@ def compute_stats(root: Path, stage: str | None = None, tree: Path | str | Produ
             options: StatsOptions | None = None) -> StatsResult:
     """All figures of stats.json, from metadata columns only. Writes nothing."""
     opts = options or StatsOptions()
-    root = Path(root)
+    root = storage.as_location(root)
     stage = resolve_stage(root, stage)
     product_tree = tree if isinstance(tree, ProductTree) or tree is None else ProductTree.load(tree)
     stage_path = root / stage
@@ -152,7 +152,7 @@ def compute_stats(root: Path, stage: str | None = None, tree: Path | str | Produ
             "drops": None if mine is None else _sorted_reasons(_value_counts(mine["reason"])),
             "dropped": n_dropped,
             "bytes": {
-                "stored": sum(p.stat().st_size for p in shards),
+                "stored": sum(storage.size(p) for p in shards),
                 "images": _image_column_bytes(shards),
                 "served": int(served_arr.sum()) if served_arr.size else 0,
             },
@@ -192,7 +192,7 @@ def write_outputs(result: StatsResult, root: Path) -> list[Path]:
     # matplotlib is imported here, not at module level, so `compute` and the CLI start fast.
     from imatdata.stats import plots
 
-    out = Path(root) / STATS_DIR
+    out = storage.as_location(root) / STATS_DIR
     storage.make_dirs(out)
     data = result.data
     stage = data["stage"]
@@ -207,7 +207,7 @@ def write_outputs(result: StatsResult, root: Path) -> list[Path]:
     csv_path = out / "class_counts.csv"
     write_bytes_atomic(class_counts_csv(result).encode("utf-8"), csv_path)
     json_path = out / "stats.json"
-    data["files"] = [p.relative_to(root).as_posix() for p in [json_path, csv_path, *paths]]
+    data["files"] = [f"{STATS_DIR}/{p.name}" for p in [json_path, csv_path, *paths]]  # relative to the root
     write_bytes_atomic(dumps(data).encode("utf-8"), json_path)
     return [json_path, csv_path, *paths]
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from imatdata.manifest import DROP_REASONS, STATUSES
 from imatdata.stats.compute import STATS_DIR, _ranked
+from imatdata.storage import as_location
 from imatdata.terminal import table
 
 
@@ -71,7 +72,7 @@ def render_stats(data: dict[str, Any], console: Any) -> None:
             [(h["host"], _n(h["records"]), _n(h["failed"]), f"{100 * h['failure_rate']:.1f}%",
               _top_statuses(h["failures"])) for h in hosts["top"]]))
     if data["files"]:
-        folder = Path(data["root"]) / STATS_DIR
+        folder = as_location(data["root"]) / STATS_DIR
         console.print(f"Wrote {folder}: " + ", ".join(Path(f).name for f in data["files"]))
 
 
