@@ -180,6 +180,18 @@ def _bucket_lookup(keys: np.ndarray, sorted_keys: np.ndarray, width: int
     return search
 
 
+def _first_report(x: np.ndarray, plan: BlockPlan, b: int, max_distance: int) -> tuple[np.ndarray, np.ndarray]:
+    """For candidate pairs found through block `b` (`x`: their hashes XORed), the distances and
+    which pairs to report: within `max_distance`, and not already reported through an earlier
+    block (one whose bits differ by at most the plan's radius)."""
+    dist = np.bitwise_count(x).astype(np.int64)
+    ok = dist <= max_distance
+    for e in range(b):
+        bits = (x >> np.uint64(plan.starts[e])) & np.uint64((1 << plan.widths[e]) - 1)
+        ok &= np.bitwise_count(bits) > plan.radius
+    return dist, ok
+
+
 def iter_near_pairs(hashes: np.ndarray, max_distance: int, *, blocks: int | None = None,
                     chunk_pairs: int = DEFAULT_CHUNK_PAIRS
                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -218,13 +230,7 @@ def iter_near_pairs(hashes: np.ndarray, max_distance: int, *, blocks: int | None
                 lo, cnt = lookup(probe[up])
                 pairs = _expand(index[up], lo, cnt, order, chunk_pairs)
             for i, j in pairs:
-                x = u[i] ^ u[j]
-                dist = np.bitwise_count(x).astype(np.int64)
-                ok = dist <= max_distance
-                # A pair whose earlier block is within the radius was reported there.
-                for e in range(b):
-                    bits = (x >> np.uint64(plan.starts[e])) & np.uint64((1 << plan.widths[e]) - 1)
-                    ok &= np.bitwise_count(bits) > plan.radius
+                dist, ok = _first_report(u[i] ^ u[j], plan, b, max_distance)
                 if ok.any():
                     i, j, dist = i[ok], j[ok], dist[ok]
                     yield np.minimum(i, j), np.maximum(i, j), dist
@@ -447,13 +453,7 @@ def iter_cross_pairs(queries: np.ndarray, hashes: np.ndarray, max_distance: int,
         for flip in _flip_masks(width, plan.radius):
             lo, cnt = lookup(qkeys ^ key_type(flip))
             for q, j in _expand(qindex, lo, cnt, order, chunk_pairs):
-                x = qu[q] ^ u[j]
-                dist = np.bitwise_count(x).astype(np.int64)
-                ok = dist <= max_distance
-                # A pair whose earlier block is within the radius was reported there.
-                for e in range(b):
-                    bits = (x >> np.uint64(plan.starts[e])) & np.uint64((1 << plan.widths[e]) - 1)
-                    ok &= np.bitwise_count(bits) > plan.radius
+                dist, ok = _first_report(qu[q] ^ u[j], plan, b, max_distance)
                 if ok.any():
                     yield q[ok], j[ok], dist[ok]
 
