@@ -93,7 +93,9 @@ def _wait_for_journal(proc: subprocess.Popen[bytes], jdir: Path, files: int) -> 
 
 
 def test_kill_9_of_the_fetch_stops_every_loop_and_rerun_resumes(tmp_path: Path) -> None:
-    n, pending, journal_rows = 1200, 8, 16
+    # Enough records that the loops cannot journal them all between the 6th journal file and
+    # the kill, should this process be slow to run (it once was, on a fresh clone).
+    n, pending, journal_rows = 3000, 8, 16
     cat = big_catalogue(n, n_bodies=8, size=24)
     root = tmp_path / "m"
     with serve_in_thread(cat) as srv:
