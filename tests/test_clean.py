@@ -329,9 +329,11 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 # --- runs that overlap, stop or start from odd places (issue #14) ---------------------------------
 
 SLOW_CLEAN = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
 from imatdata import clean as clean_mod
 from imatdata.cli import main
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal, even if the tests run in the background
 
 started, hold = pathlib.Path(sys.argv[1]), float(sys.argv[2])
 real = clean_mod._pass1

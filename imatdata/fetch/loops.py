@@ -382,6 +382,10 @@ def _stop_loops(procs: list[Any], started: list[bool]) -> None:
 
 def _loop_process(run: Run, shared: Any, conn: Any, parent: int) -> None:
     """One loop's process: its share of the records, reported through `shared` and `conn`."""
+    # A fetch started with SIGINT ignored (`imatdata fetch … &` from a script) passes that on,
+    # and Python then installs no KeyboardInterrupt handler; but SIGINT is how the fetch (or
+    # the loop itself, once the fetch is gone) stops a loop so that it flushes its journal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     k = run.part[0]
     shared[_SHARED * k + 3] = 1  # from here on an interrupt flushes the journal (_stop_loops)
 
