@@ -7,6 +7,10 @@
     .venv/bin/python bench/dedup.py --distances 4 --search-n 1000000 --throughput-revs edbe080,a0b8c89
         # also: the candidate search on 1M random-ish looks, and pass 1's hashing against
         # older versions of imatdata/clean/checks.py (edbe080: before #16, phash only)
+    PYTHONPATH=sample:. python3 -u bench/dedup.py --distinct 1000000 --copy-rate 0 --sides 96,160 \
+        --distances 4 --no-chance --json out.json
+        # false drops among a million distinct images: smaller pictures (longer side 96-160 px)
+        # built straight into raw shards on every core, then the real clean on every core
 
 The peers live in their own virtualenv, never in imat's (fastdup pins old numpy and Pillow):
 `python3.11 -m venv /tmp/peers && /tmp/peers/bin/pip install cleanvision scikit-learn fastdup
@@ -16,9 +20,11 @@ rather than downloading another copy.
 
 The corpus: `--distinct` genuinely distinct images, half of them product-like (objects of
 random shape, colour, texture and lighting, centred on a white or pale background: the
-images whose perceptual hashes crowd, as real product photos do), half natural-ish textures
-(multi-octave noise of random spectrum and tint, with strokes). Colour does not tell them
-apart: a third of the products are grey, black or white objects, and hues repeat.
+images whose perceptual hashes crowd, as real product photos do), a quarter natural-ish
+textures (multi-octave noise of random spectrum and tint, with strokes) and a quarter
+photographs whose colour changes everywhere (smooth random colour fields under shapes).
+Colour does not tell them apart: a third of the products are grey, black or white objects,
+and hues repeat.
 
 A `--copies` fraction of them gets one planted copy, spread evenly over the transforms:
 re-encoded (JPEG q50-95), resized (0.5-2x, the served size over 512 px stored at 512 as
@@ -117,11 +123,14 @@ def _shape_mask(g: np.random.Generator, w: int, h: int, cx: float, cy: float, rx
     return mask.rotate(angle, resample=Image.Resampling.BILINEAR, center=(cx, cy)) if angle else mask
 
 
-def _surface(g: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """A part's fill (h, w, 3 float32): a colour under a texture, shaded like a 3-D object."""
+def _surface(g: np.random.Generator, w: int, h: int, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """A part's fill (h, w, 3 float32): a colour under a texture, shaded like a 3-D object;
+    only its `box` (left, top, right, bottom) if given, the same values as that part of the
+    whole fill (and the same random draws)."""
+    x0, y0, x1, y1 = box or (0, 0, w, h)
     base = np.array(_colour(g), np.float32)
-    xs = np.linspace(0, 1, w, dtype=np.float32)[None, :]
-    ys = np.linspace(0, 1, h, dtype=np.float32)[:, None]
+    xs = np.linspace(0, 1, w, dtype=np.float32)[None, x0:x1]
+    ys = np.linspace(0, 1, h, dtype=np.float32)[y0:y1, None]
     a = g.uniform(0, math.pi)
     u, v = xs * math.cos(a) + ys * math.sin(a), -xs * math.sin(a) + ys * math.cos(a)
     period = g.uniform(0.015, 0.15)
@@ -135,9 +144,9 @@ def _surface(g: np.random.Generator, w: int, h: int) -> np.ndarray:
     elif kind == 4:  # fabric, wood or leather: noise at a random scale
         cells = g.random((int(g.integers(6, 60)),) * 2).astype(np.float32)
         pattern = np.asarray(Image.fromarray((cells * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC),
-                             np.float32) / 255.0
+                             np.float32)[y0:y1, x0:x1] / 255.0
     else:
-        pattern = np.zeros((h, w), np.float32)
+        pattern = np.zeros((y1 - y0, x1 - x0), np.float32)
     second = np.array(_colour(g), np.float32)
     mix = pattern[..., None] * g.uniform(0.2, 0.8)
     fill = base * (1 - mix) + second * mix
@@ -200,8 +209,10 @@ def product_image(g: np.random.Generator, w: int, h: int) -> Image.Image:
         else:  # further parts overlap the first: a cap, a sleeve, a handle
             k = g.uniform(0.25, 0.7)
             mask = _shape_mask(g, w, h, cx + rx * g.uniform(-0.8, 0.8), cy + ry * g.uniform(-0.8, 0.8), rx * k, ry * k)
-        surf = Image.fromarray(np.clip(_surface(g, w, h), 0, 255).astype(np.uint8), "RGB")
-        img.paste(surf, mask=mask)
+        # Only the part's bounding box is filled (the rest would be masked out).
+        box = mask.getbbox() or (0, 0, 1, 1)
+        surf = Image.fromarray(np.clip(_surface(g, w, h, box), 0, 255).astype(np.uint8), "RGB")
+        img.paste(surf, box[:2], mask=mask.crop(box))
         _print(g, img, mask)
     noise = g.uniform(0, 4)
     if noise > 1:
@@ -239,13 +250,34 @@ def texture_image(g: np.random.Generator, w: int, h: int) -> Image.Image:
     return img
 
 
-def distinct_image(seed: int, index: int) -> Image.Image:
-    """Distinct image `index` of corpus `seed` (even: product, odd: texture)."""
+def photo_image(g: np.random.Generator, w: int, h: int) -> Image.Image:
+    """A photograph whose colour changes everywhere (a street, a crowd, a close-up): a coarse
+    grid of random colours smoothly interpolated, under a few soft-edged shapes and strokes.
+    A 5% crop changes every cell of its 8x8 thumbnail, unlike a product on white."""
+    cells = int(g.integers(4, 9))
+    grid = (g.random((cells, cells, 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(grid, "RGB").resize((w, h), Image.Resampling.BICUBIC)
+    d = ImageDraw.Draw(img)
+    for _ in range(int(g.integers(3, 9))):
+        x, y = float(g.uniform(0, w)), float(g.uniform(0, h))
+        r = float(g.uniform(0.02, 0.12)) * min(w, h)
+        d.ellipse((x - r, y - r, x + r, y + r), fill=_colour(g))
+    for _ in range(int(g.integers(0, 4))):
+        pts = [(float(g.uniform(0, w)), float(g.uniform(0, h))) for _ in range(int(g.integers(2, 5)))]
+        d.line(pts, fill=_colour(g), width=int(g.integers(1, max(2, w // 40))))
+    return img.filter(ImageFilter.GaussianBlur(float(g.uniform(0, 1.5))))
+
+
+def distinct_image(seed: int, index: int, sides: tuple[int, int] = (256, MAX_SIDE)) -> Image.Image:
+    """Distinct image `index` of corpus `seed` (even: product; odd: a texture or, every other
+    one, a photograph), its longer side drawn from `sides`."""
     g = np.random.default_rng([seed, index])
-    long_side = int(g.integers(256, MAX_SIDE + 1))
+    long_side = int(g.integers(sides[0], sides[1] + 1))
     short_side = int(long_side * g.uniform(0.7, 1.0)) if g.random() < 0.4 else long_side
     w, h = (long_side, short_side) if g.random() < 0.5 else (short_side, long_side)
-    return product_image(g, w, h) if index % 2 == 0 else texture_image(g, w, h)
+    if index % 2 == 0:
+        return product_image(g, w, h)
+    return texture_image(g, w, h) if index % 4 == 1 else photo_image(g, w, h)
 
 
 # --- planted copies ----------------------------------------------------------------------------
@@ -317,13 +349,13 @@ class Truth:
     product: bool
 
 
-def _rows(args: tuple[int, int, int, float, float, str | None]) -> list[tuple[dict[str, Any], Truth]]:
+def _rows(args: tuple[int, int, int, float, float, str | None, tuple[int, int]]) -> list[tuple[dict[str, Any], Truth]]:
     """Rows lo..hi of the corpus (a top-level function: spawn-safe)."""
-    seed, lo, hi, copy_rate, val_rate, image_dir = args
+    seed, lo, hi, copy_rate, val_rate, image_dir, sides = args
     out = []
     for i in range(lo, hi):
         g = np.random.default_rng([seed, i, 1])
-        img = distinct_image(seed, i)
+        img = distinct_image(seed, i, sides)
         body = jpeg_bytes(img, int(g.integers(80, 96)))
         split = "val" if g.random() < val_rate else "train"
         label = int(g.integers(0, N_CLASSES))
@@ -346,22 +378,34 @@ def _rows(args: tuple[int, int, int, float, float, str | None]) -> list[tuple[di
 
 
 def build_corpus(root: Path, n: int, copy_rate: float, val_rate: float, seed: int, workers: int,
-                 image_dir: Path | None) -> dict[str, Truth]:
-    """Write `root/raw/{train,val}` for `n` distinct images and their planted copies."""
+                 image_dir: Path | None, sides: tuple[int, int] = (256, MAX_SIDE)) -> dict[str, Truth]:
+    """Write `root/raw/{train,val}` for `n` distinct images and their planted copies, made in
+    `workers` processes, at most two tasks each in flight (memory stays bounded at 1M)."""
+    from collections import deque
+
     from imatdata.manifest import RAW_SCHEMA, ShardWriter
 
     step = 500
-    tasks = [(seed, lo, min(n, lo + step), copy_rate, val_rate, str(image_dir) if image_dir else None)
+    tasks = [(seed, lo, min(n, lo + step), copy_rate, val_rate, str(image_dir) if image_dir else None, sides)
              for lo in range(0, n, step)]
     truth: dict[str, Truth] = {}
     writers = {s: ShardWriter(root / "raw" / s, schema=RAW_SCHEMA) for s in ("train", "val")}
+
+    def absorb(part: list[tuple[dict[str, Any], Truth]]) -> None:
+        for split, writer in writers.items():
+            rows = [r for r, t in part if t.split == split]
+            if rows:
+                writer.write_rows(rows)
+        truth.update((t.id, t) for _, t in part)
+
     with ProcessPoolExecutor(workers) as pool:
-        for part in pool.map(_rows, tasks):
-            for split, writer in writers.items():
-                rows = [r for r, t in part if t.split == split]
-                if rows:
-                    writer.write_rows(rows)
-            truth.update((t.id, t) for _, t in part)
+        pending: deque[Any] = deque()
+        for task in tasks:
+            pending.append(pool.submit(_rows, task))
+            if len(pending) >= 2 * workers:
+                absorb(pending.popleft().result())
+        while pending:
+            absorb(pending.popleft().result())
     for writer in writers.values():
         writer.close()
     return truth
@@ -455,7 +499,7 @@ def chance_pairs(root: Path, distances: list[int], workers: int) -> tuple[int, l
     for d in distances:
         count = dedup.PairCount()
         i, j, _ = dedup.confirmed_pairs(rows.phash[keep], rows.signature[keep], d, windows=rows.windows[keep],
-                                        count=count)
+                                        crop_signatures=rows.crop_signatures[keep], count=count)
         ci, cj, _ = dedup.near_pairs(rows.phash[keep], d)
         out.append(Chance(d, int(ci.size), count.candidates, count.confirmed, int((product[ci] & product[cj]).sum()),
                           int((product[i] & product[j]).sum())))
@@ -625,6 +669,31 @@ def recall_line(found: Counter[str], planted: Counter[str]) -> str:
     return "  ".join(f"{k} {found[k] / planted[k]:6.1%} ({found[k]}/{planted[k]})" for k in TRANSFORMS if planted[k])
 
 
+def kept_phash_pairs(root: Path, distance: int) -> int:
+    """Pairs of rows kept in clean/ (train and val) whose phashes are within `distance`."""
+    from imatdata.clean import dedup
+    from imatdata.manifest import read_table
+
+    hashes = np.concatenate([read_table(root / "clean" / s, columns=["phash"]).column("phash").drop_null().to_numpy()
+                             for s in ("train", "val")]).astype(np.int64)
+    return sum(int(i.size) for i, _, _ in dedup.iter_near_pairs(hashes, distance))
+
+
+def save_figures(path: Path | None, figures: dict[str, Any]) -> None:
+    """Write the figures so far (each phase adds its own: a run cut short keeps what it did)."""
+    if path is not None:
+        path.write_text(json.dumps(figures, indent=1))
+
+
+def _peak_rss_mib() -> float:
+    """The largest resident set so far of this process or any finished child (MiB; Linux
+    reports KiB)."""
+    import resource
+
+    peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
 def main() -> int:
     from imatdata import clean as clean_mod
 
@@ -642,8 +711,21 @@ def main() -> int:
     ap.add_argument("--throughput-revs", default="", help="git revisions whose pass-1 hashing to time against this tree's")
     ap.add_argument("--throughput-images", type=int, default=1000)
     ap.add_argument("--throughput-rounds", type=int, default=5)
+    ap.add_argument("--sides", default=f"256,{MAX_SIDE}",
+                    help="range of the distinct images' longer side in pixels (e.g. 96,160 for a fast 1M run)")
+    ap.add_argument("--no-chance", action="store_true",
+                    help="skip counting chance pairs among the distinct images (it hashes everything again)")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     distances = [int(x) for x in args.distances.split(",")]
+    try:
+        lo_side, hi_side = (int(x) for x in args.sides.split(","))
+    except ValueError:
+        lo_side = hi_side = 0
+    if not 16 <= lo_side <= hi_side <= MAX_SIDE:
+        ap.error(f"--sides must be LO,HI with 16 <= LO <= HI <= {MAX_SIDE}")
+    figures: dict[str, Any] = {"distinct": args.distinct, "copy_rate": args.copy_rate, "sides": [lo_side, hi_side],
+                               "seed": args.seed, "workers": args.workers, "cpus": os.cpu_count(), "runs": []}
     work = args.reuse or args.keep or Path(tempfile.mkdtemp(prefix="imat-bench-dedup-"))
     image_dir = work / "images" if args.peers else None
     if image_dir and not args.reuse:
@@ -656,12 +738,17 @@ def main() -> int:
             truth = read_truth(work)
             args.distinct = sum(t.kind == "distinct" for t in truth.values())
         else:
-            truth = build_corpus(work, args.distinct, args.copy_rate, args.val_rate, args.seed, args.workers, image_dir)
+            truth = build_corpus(work, args.distinct, args.copy_rate, args.val_rate, args.seed, args.workers, image_dir,
+                                 (lo_side, hi_side))
+        figures["build_seconds"] = None if args.reuse else round(time.perf_counter() - t0, 1)
+        save_figures(args.json, figures)
         planted = Counter(t.kind for t in truth.values() if t.kind != "distinct")
         leaks = sum(1 for t in truth.values() if t.kind != "distinct" and truth[t.partner or ""].split == "val")
-        print(f"corpus: {args.distinct:,} distinct images (half products on white, half textures) + "
+        print(f"corpus: {args.distinct:,} distinct images (half products on white, a quarter textures, "
+              f"a quarter photographs) + "
               f"{sum(planted.values()):,} planted copies ({leaks} of them of a val image: leaks), "
-              + (f"reused from {work}" if args.reuse else f"built in {time.perf_counter() - t0:.0f} s"))
+              + (f"reused from {work}" if args.reuse else f"built in {time.perf_counter() - t0:.0f} s")
+              + f"; longer sides {lo_side}-{hi_side} px")
         for d in distances:
             cfg = clean_mod.CleanConfig(hash_distance=d, workers=args.workers)
             t1 = time.perf_counter()
@@ -677,9 +764,28 @@ def main() -> int:
             print(f"false drops: {sum(s.false_drops.values())} rows ({dict(s.false_drops)}), "
                   f"{s.false_distinct} of them distinct originals = {s.false_distinct / args.distinct:.4%} "
                   f"of {args.distinct:,}")
-        n, chance = chance_pairs(work, distances, args.workers)
-        scale = (1_000_000 / n) ** 2
-        print(f"\n== chance candidates among the {n:,} distinct images (pairs grow as N^2)")
+            peak = _peak_rss_mib()
+            print(f"phases: hash {result.hash_seconds:.1f} s, dedup {result.dedup_seconds:.1f} s, "
+                  f"write {result.write_seconds:.1f} s; peak memory {peak:,.0f} MiB (largest process)")
+            phash_pairs = kept_phash_pairs(work, d)
+            # What carries over to other data: pairs confirmed per chance phash pair (a corpus
+            # of real photos has its own crowding: ~6,000 pairs within 4 bits on 1M, issue #16).
+            if not planted:  # all distinct: every confirmed pair is a chance pair
+                print(f"phash pairs within {d} bits among the kept rows: {phash_pairs:,}; confirmed pairs per "
+                      f"phash pair: {result.confirmed_pairs / max(phash_pairs, 1):.4f}")
+            figures["runs"].append({
+                "hash_distance": d, "wall_seconds": round(wall, 1), "hash_seconds": round(result.hash_seconds, 1),
+                "dedup_seconds": round(result.dedup_seconds, 1), "write_seconds": round(result.write_seconds, 1),
+                "candidate_pairs": result.candidate_pairs, "confirmed_pairs": result.confirmed_pairs,
+                "recall": {k: [s.found[k], s.planted[k]] for k in TRANSFORMS if s.planted[k]},
+                "false_drops_by_reason": dict(s.false_drops), "false_drops_distinct": s.false_distinct,
+                "false_drop_rate_distinct": s.false_distinct / args.distinct, "peak_rss_mib": round(peak),
+                "kept_phash_pairs": phash_pairs})
+            save_figures(args.json, figures)
+        n, chance = (0, []) if args.no_chance else chance_pairs(work, distances, args.workers)
+        scale = (1_000_000 / n) ** 2 if n else 0.0
+        if chance:
+            print(f"\n== chance candidates among the {n:,} distinct images (pairs grow as N^2)")
         for c in chance:
             if not c.confirmed and c.candidates < 1000:
                 print(f"distance <= {c.distance}: {c.candidates} candidate pairs, none confirmed "

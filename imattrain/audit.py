@@ -28,7 +28,11 @@ without training), `suspects.parquet` (the flagged rows, most suspect first: ran
 given, suggested, score, p_given, p_suggested, fold, plus tree_distance with --tree),
 `suspects.png` (a contact sheet of the top suspects: image, given -> suggested), `audit.json`
 (figures and timings) and `fold-K/` (each fold's run folder). `imatdata clean --drop-ids
-suspects.parquet` drops the suspects with reason `label_noise`.
+suspects.parquet` drops the suspects with reason `label_noise`; `imattrain run --relabel
+suspects.parquet` keeps them and trains them on their suggested class (`relabel_index`: the
+loader reads labels from the train split's index). Measured on 3,000 Fashion-MNIST images
+with 20% of the labels flipped, relabelling the confident suspects recovered a third of the
+accuracy the noise cost and dropping them an eighth, as much as dropping exactly the flips.
 """
 
 from __future__ import annotations
@@ -249,6 +253,35 @@ def suspects_table(oof: OutOfFold, ranking: Ranking, tree: Any = None) -> pa.Tab
         data["tree_distance"] = pa.array(
             [tree_distance(tree, int(a), int(b)) for a, b in zip(given, suggested)], type=pa.int64())
     return pa.table(data)
+
+
+# --- feeding it back: run --relabel ---------------------------------------------------------
+
+
+def relabel_index(index: Any, path: str | Path, min_score: float | None,
+                  say: Say = lambda _m: None) -> Any:
+    """`imattrain run --relabel FILE [--relabel-min-score S]`: the train split's `SplitIndex`
+    with the rows the suspects file names given its suggested class (the loader reads labels
+    from the index, so that is what the model trains on). Ids train does not hold are counted
+    and ignored, as `imatdata clean --drop-ids` does."""
+    from imatdata.clean.label_noise import read_relabels
+    from imattrain.predict import split_row_ids
+
+    new = read_relabels(path, min_score)
+    labels = index.labels.copy()
+    found = changed = 0
+    if new:
+        for row, row_id in enumerate(split_row_ids(index)):
+            c = new.get(row_id)
+            if c is not None:
+                found += 1
+                changed += int(labels[row] != c)
+                labels[row] = c
+    line = f"relabel ({path}): {changed:,} train rows take the suggested class of {len(new):,} named"
+    if len(new) - found:
+        line += f"; {len(new) - found:,} not in train (ignored)"
+    say(line)
+    return dataclasses.replace(index, labels=labels)
 
 
 # --- the contact sheet ------------------------------------------------------------------------

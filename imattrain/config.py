@@ -66,6 +66,12 @@ class TrainConfig:
                         group="data")
     gpu_decode: bool = _opt(False, "Decode JPEGs on the GPU in batches (nvjpeg); workers then "
                                    "only read bytes. Needs CUDA.", group="data")
+    relabel: str | None = _opt(None, "Train the rows an audit's suspects.parquet names on its "
+                                     "suggested class instead of their given label (`imattrain "
+                                     "audit`).", group="data")
+    relabel_min_score: float | None = _opt(None, "With --relabel: only the suspects whose score "
+                                                 "is at least this (default: all of them).",
+                                           group="data")
 
     # model
     model: str = _opt("resnet50", "torchvision (or timm, when installed) model name.",
@@ -247,6 +253,8 @@ class TrainConfig:
             raise UserError(f"--tree {self.tree}: no such file; give the product tree JSON")
         if self.amp == "fp16" and self.device == "cpu":
             raise UserError("--amp fp16 needs CUDA; use --amp bf16 on CPU")
+        if self.relabel_min_score is not None and self.relabel is None:
+            raise UserError("--relabel-min-score needs --relabel FILE (an audit's suspects.parquet)")
         if not self.model:
             raise UserError("--model must name a model, e.g. resnet50")
         return self

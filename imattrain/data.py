@@ -44,7 +44,7 @@ from imatdata.errors import UserError
 from imatdata.manifest import RowGroupRef, list_shards, read_row_group, row_groups
 from imattrain.transforms import DECODE_ERRORS, UndecodableImage
 
-READ_COLUMNS = ["id", "label", "status", "image"]
+READ_COLUMNS = ["id", "status", "image"]  # labels come from the SplitIndex (run --relabel)
 
 
 # --- index: what is in a split, read once from the small columns --------------------------------
@@ -339,7 +339,7 @@ class ShardStream(IterableDataset):
         corrupt = 0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(batch_seed(self.spec.seed, epoch, self.spec.rank, batch_index))
-            for unit, i in zip(units.tolist(), local.tolist()):
+            for row, unit, i in zip(rows.tolist(), units.tolist(), local.tolist()):
                 cols = self._load(unit, cache)
                 remaining[unit] -= 1
                 item = None
@@ -350,8 +350,8 @@ class ShardStream(IterableDataset):
                     corrupt += item is None
                 if item is not None or self.spec.include_missing:
                     images.append(item)
-                    label = cols["label"][i]
-                    labels.append(-1 if label is None else int(label))
+                    # The index's label: the column's (-1 when null), or run --relabel's class.
+                    labels.append(int(self.index.labels[row]))
                     ids.append(str(cols["id"][i]))
                     has_image.append(item is not None)
                 if remaining[unit] == 0:

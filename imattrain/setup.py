@@ -95,6 +95,10 @@ class Session:
         data_dir = resolve_data_dir(cfg.data, cfg.root)
         train_index = scan_split(data_dir, cfg.train_split)
         missing = int((~train_index.usable).sum())
+        if cfg.relabel:
+            from imattrain.audit import relabel_index
+
+            train_index = relabel_index(train_index, cfg.relabel, cfg.relabel_min_score, say)
         if train_rows is not None:
             if len(train_rows) != train_index.num_rows:
                 raise UserError(f"the fold mask has {len(train_rows)} rows, split "

@@ -243,6 +243,82 @@ def test_audit_refuses_to_overwrite_and_probs_skips_training(
     assert not (tmp_path / "x" / "suspects.parquet").exists()
 
 
+# --- imattrain run --relabel ------------------------------------------------------------------
+
+
+def test_relabel_trains_the_suspects_on_their_suggested_class(
+        audited: Path, noisy: tuple[Path, set[str]], tmp_path: Path) -> None:
+    from imattrain import distributed as D
+    from imattrain.config import TrainConfig
+    from imattrain.setup import Session
+
+    root, flipped = noisy
+    suspects = audited / "suspects.parquet"
+    s = pq.read_table(suspects).to_pydict()
+    suggested = dict(zip(s["id"], s["suggested"]))
+    given = dict(zip(*read_table(root / "clean" / "train", columns=["id", "label"])
+                     .to_pydict().values()))
+    notes: list[str] = []
+    cfg = TrainConfig(data=str(root / "clean"), model="resnet18", image_size=16, batch_size=8,
+                      workers=0, relabel=str(suspects), quiet=True)
+    session = Session.from_config(cfg, D.World(), torch.device("cpu"), notes.append)
+    assert any(f"relabel ({suspects}): {len(suggested)} train rows take the suggested class"
+               in n for n in notes), notes
+    loader = session.train_loader()
+    loader.dataset.set_epoch(0)
+    seen: dict[str, int] = {}
+    for batch in loader:
+        seen.update(zip(batch["id"], batch["label"].tolist()))
+    assert set(seen) == set(given)
+    # What the model is fed: the suggested class where the file names the row, else its own.
+    assert seen == {i: suggested.get(i, y) for i, y in given.items()}
+    # The flips the audit found get their true class (the colour in the id) back.
+    back = [i for i in flipped if i in suggested]
+    assert len(back) >= 0.7 * len(flipped)
+    assert sum(seen[i] == int(i.split("-")[1]) for i in back) >= 0.9 * len(back)
+    assert session.class_counts.sum() == len(given)
+    # --relabel-min-score keeps only the top of the file.
+    from imattrain.audit import relabel_index
+    from imattrain.data import scan_split
+
+    index = scan_split(root / "clean", "train")
+    top = s["score"][len(s["score"]) // 2]
+    fewer = relabel_index(index, suspects, top)
+    assert (relabel_index(index, suspects, 2.0).labels == index.labels).all()  # none left
+    changed = int((fewer.labels != index.labels).sum())
+    assert 0 < changed == sum(1 for v in s["score"] if v >= top) < len(suggested)
+
+
+@pytest.mark.parametrize("case", ["missing", "no_suggested", "text_suggested", "null_suggested",
+                                  "negative", "min_score_alone"])
+def test_relabel_bad_input_is_one_line(noisy: tuple[Path, set[str]], tmp_path: Path,
+                                       case: str) -> None:
+    root, _ = noisy
+    path = tmp_path / "s.parquet"
+    args = ["--relabel", str(path)]
+    if case == "no_suggested":
+        pq.write_table(pa.table({"id": ["train-0-000"], "score": [0.9]}), path)
+    elif case == "text_suggested":
+        pq.write_table(pa.table({"id": ["train-0-000"], "suggested": ["coat"]}), path)
+    elif case == "null_suggested":
+        pq.write_table(pa.table({"id": ["train-0-000", "train-0-001"],
+                                 "suggested": pa.array([1, None], pa.int64())}), path)
+    elif case == "negative":
+        pq.write_table(pa.table({"id": ["train-0-000"], "suggested": [-1]}), path)
+    elif case == "min_score_alone":
+        args = ["--relabel-min-score", "0.5"]
+    out = tmp_path / "run"
+    result = runner.invoke(train_app, ["run", "--quiet", "--data", str(root / "clean"), "--out",
+                                       str(out), "--model", "resnet18", "--image-size", "16",
+                                       "--epochs", "1", "--workers", "0", *args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert "--relabel" in lines[0]
+    assert not (out / "checkpoints").exists()
+
+
 # --- imatdata clean --drop-ids ----------------------------------------------------------------
 
 
@@ -356,3 +432,57 @@ def test_read_suspects_errors_are_user_errors(tmp_path: Path) -> None:
     assert s.ids.to_pylist() == ["a", "b"] and s.details["a"] == "score=0.9000"
     with pytest.raises(UserError, match="no such file"):
         label_noise.read_suspects(tmp_path / "none.parquet")
+
+
+# --- bench/audit.py's own arithmetic ----------------------------------------------------------
+
+
+def _bench_module():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "audit.py"
+    spec = importlib.util.spec_from_file_location("bench_audit", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_audit"] = bench
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_recovery_uses_the_mean_over_seeds_and_subset_round_trips(tmp_path: Path) -> None:
+    import gzip
+
+    bench = _bench_module()
+    runs = lambda *tops: {str(k): {"test_top1": t} for k, t in enumerate(tops)}  # noqa: E731
+    done = {"clean": {"info": {}, "runs": runs(0.82, 0.84)},
+            "noisy": {"info": {}, "runs": runs(0.79, 0.77)},
+            "drop@0.95": {"info": {"changed": 5, "precision": 0.8, "recall": 0.4},
+                          "runs": runs(0.81, 0.80)}}
+    out = bench.summarise(done)
+    assert out["clean"]["mean"] == pytest.approx(0.83) and "recovered" not in out["noisy"]
+    assert out["drop@0.95"]["recovered"] == pytest.approx((0.805 - 0.78) / (0.83 - 0.78))
+    assert bench._variant("relabel@0.9") == ("relabel", 0.9)
+    assert bench._variant("oracle") == ("oracle", None)
+    with pytest.raises(SystemExit):
+        bench._variant("oracle@0.5")
+
+    # A Fashion-MNIST-shaped source (idx files), and the subset prepare reads back.
+    g = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    for prefix, n in (("train", 60), ("t10k", 30)):
+        images = g.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 10
+        with gzip.open(src / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write((2051).to_bytes(4, "big") + b"".join(v.to_bytes(4, "big") for v in (n, 28, 28))
+                    + images.tobytes())
+        with gzip.open(src / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write((2049).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes())
+    bench.write_subset(src, tmp_path / "sub", train=40, test=20)
+    x, y, tx, ty = bench.recipes.load_fashion_mnist(tmp_path / "sub")
+    assert x.shape == (40, 28, 28) and tx.shape == (20, 28, 28)
+    assert np.bincount(y).tolist() == [4] * 10 and np.bincount(ty).tolist() == [2] * 10
+    full, full_y, _, _ = bench.recipes.load_fashion_mnist(src)
+    # Every image kept is one of the source's, with its own label.
+    lookup = {full[i].tobytes(): int(full_y[i]) for i in range(len(full))}
+    assert all(lookup[x[i].tobytes()] == y[i] for i in range(len(x)))

@@ -60,11 +60,12 @@ def confirmed(a: bytes, b: bytes) -> bool:
 
 def linked(a: bytes, b: bytes, hash_distance: int) -> bool:
     """Whether clean's candidate search (phash, crop windows, halves) and second look pair a, b."""
-    from imatdata.clean.checks import image_windows
+    from imatdata.clean.checks import image_crop_signatures, image_windows
 
     looks = [look(a), look(b)]
     i, _, _ = dedup.confirmed_pairs(np.array([p for p, _ in looks]), np.stack([s for _, s in looks]),
-                                    hash_distance, windows=np.stack([image_windows(a), image_windows(b)]))
+                                    hash_distance, windows=np.stack([image_windows(a), image_windows(b)]),
+                                    crop_signatures=np.stack([image_crop_signatures(a), image_crop_signatures(b)]))
     return i.size == 1
 
 
@@ -174,6 +175,9 @@ def test_every_drop_names_a_row_it_was_confirmed_against(tmp_path: Path) -> None
 def test_phash_is_imagehash_phash_of_the_draft() -> None:
     # The YCbCr draft and the shared resize leave the stored phash exactly what it was.
     bodies = [jpeg(photo(s), q) for s in range(9, 14) for q in (60, 95)] + [jpeg(product(c)) for c in SAME_LUMA[:3]]
+    bodies += [jpeg(photo(17, (500, 140))), jpeg(photo(18, (70, 90)))]
+    if int(Image.__version__.split(".")[0]) >= 13:  # its resize of a tall image, as clean's (see below)
+        bodies.append(jpeg(photo(19, (140, 500))))
     grey = io.BytesIO()
     photo(15).convert("L").save(grey, format="JPEG")
     png = io.BytesIO()
@@ -240,3 +244,67 @@ def test_window_lookalikes_are_kept(tmp_path: Path) -> None:
     result, dropped = run_clean(tmp_path, rows)
     assert result.candidate_pairs > 0 and result.confirmed_pairs == 0
     assert dropped == {}
+
+
+def test_a_crop_of_a_busy_photo_is_confirmed_on_its_window(tmp_path: Path) -> None:
+    # A photo whose colour changes everywhere, cropped 5% per axis (4% + 1%): a crop window
+    # finds it, but every cell of the whole thumbnails changed. The window's own thumbnails
+    # confirm it; the whole ones alone would not.
+    scene = photo(21, (400, 400))
+    source, cropped = jpeg(scene, 90), jpeg(scene.crop((16, 4, 396, 384)), 85)
+    assert distance(source, cropped) > 4 and not confirmed(source, cropped)
+    assert linked(source, cropped, 4)
+    _, dropped = run_clean(tmp_path, [row("scene", "train", 1, source), row("scene_crop", "train", 1, cropped)])
+    assert {k: (v[0], v[1].split()[0]) for k, v in dropped.items()} == {"scene_crop": ("near_duplicate", "kept=scene")}
+
+
+@pytest.mark.parametrize("filt", [Image.Resampling.LANCZOS, Image.Resampling.BOX])
+def test_resize_is_pillows_bit_for_bit(filt: Image.Resampling) -> None:
+    # clean's own resize (weights made once per size, matrix products) gives Pillow's result
+    # exactly: the phash and the signature are what imagehash and Pillow would make. Pillow
+    # 13 makes the vertical pass first for images over twice as tall as wide (older ones
+    # always horizontal first): those sizes are compared there only.
+    from imatdata.clean.checks import _resize
+
+    pillow13 = int(Image.__version__.split(".")[0]) >= 13
+    g = np.random.default_rng(8)
+    out = 32 if filt == Image.Resampling.LANCZOS else 4
+    sizes = [(64, 64), (95, 127), (128, 128), (127, 300), (300, 127), (33, 40), (32, 90), (90, 32), (20, 12),
+             (1500, 70), (70, 1500), (31, 31), (32, 32)]
+    sizes += [tuple(int(v) for v in g.integers(5, 400, 2)) for _ in range(30)]
+    for w, h in sizes:
+        if not pillow13 and h - out > 0 and h - out > 2 * (w - out):
+            continue
+        plane = g.integers(0, 256, (h, w), dtype=np.uint8)
+        if g.random() < 0.5:  # hard edges: Lanczos overshoots, so the clipping counts
+            plane = np.where(plane > 128, 255, 0).astype(np.uint8)
+        got = _resize(np.stack([plane, 255 - plane]), out, out, filt)
+        for k, p in enumerate((plane, 255 - plane)):
+            assert np.array_equal(got[k], np.asarray(Image.fromarray(p).resize((out, out), filt))), (w, h, k)
+
+
+def test_a_batch_hashes_as_single_images_do() -> None:
+    # hash_batch resizes colour JPEG drafts together; any other image alone. Each row comes out
+    # as the one-image functions say, whatever the batch around it.
+    from imatdata.clean.checks import hash_batch, image_crop_signatures, image_windows
+
+    grey, png, cmyk = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    photo(30, (200, 150)).convert("L").save(grey, format="JPEG")
+    photo(31, (90, 260)).save(png, format="PNG")
+    photo(32).convert("CMYK").save(cmyk, format="JPEG")
+    bodies = [jpeg(photo(33, (400, 300))), grey.getvalue(), jpeg(photo(34, (130, 500))), png.getvalue(), None,
+              cmyk.getvalue(), b"not an image", jpeg(photo(35, (20, 20))), jpeg(product(SAME_LUMA[2], 512))]
+    rows = hash_batch(bodies, [True] * len(bodies))
+    for body, got in zip(bodies, rows):
+        if body is None or body == b"not an image":
+            assert got.error is not None and got.phash is None
+            continue
+        assert got.error is None
+        assert (got.phash, got.signature) == look_bytes(body)
+        assert got.windows == image_windows(body).tobytes()
+        assert got.crop_signatures == image_crop_signatures(body).tobytes()
+        assert rows[bodies.index(body)] == hash_batch([body], [True])[0]
+
+
+def look_bytes(body: bytes) -> tuple[int, bytes]:
+    return clean_mod.image_phash(body), clean_mod.image_signature(body)

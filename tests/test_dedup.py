@@ -262,3 +262,61 @@ def test_confirmed_pairs_with_windows() -> None:
     assert dedup.confirmed_pairs(hashes, signatures, 0, windows=windows)[0].size == 0
     # Without windows the crop and the half are not found.
     assert dedup.confirmed_pairs(hashes, signatures, 4)[0].size == 0
+
+
+def test_crop_window_signatures_are_the_windows_thumbnails() -> None:
+    # A luma ramp across the columns and a chroma ramp down the rows: each window's cells are
+    # the means of its own part of the image.
+    y32 = np.tile(np.arange(32, dtype=np.float64) * 8, (1, 32, 1))
+    grid = np.zeros((1, 2, dedup.CHROMA_GRID, dedup.CHROMA_GRID))
+    grid[0, 0] = (np.arange(dedup.CHROMA_GRID, dtype=np.float64) * 16)[:, None]
+    grid[0, 1] = 128.0
+    sigs = dedup.crop_window_signatures(y32, grid)
+    assert sigs.shape == (1, len(dedup.CROP_WINDOWS), dedup.SIG_BYTES)
+    for k, (left, top, right, bottom) in enumerate(dedup.CROP_WINDOWS):
+        luma, chroma = dedup.unpack_signatures(sigs[0, k])
+        cells = left + (1 - left - right) * (np.arange(8) + 0.5) / 8  # cell centres, fractions of the width
+        assert np.abs(luma.reshape(8, 8)[0] - (cells * 32 - 0.5) * 8).max() <= 8.5, k  # a 4-bit step of 0..248
+        rows = top + (1 - top - bottom) * (np.arange(4) + 0.5) / 4
+        want = (rows * dedup.CHROMA_GRID - 0.5) * 16
+        assert np.abs(chroma.reshape(2, 4, 4)[0, :, 0] + 128 - want).max() <= 1.0, k
+        assert np.all(chroma.reshape(2, 4, 4)[1] == 0)
+    # A window's signature differs from the whole image's by the crop: the left-trimmed window
+    # starts brighter.
+    assert dedup.unpack_signatures(sigs[0, 0])[0][0, 0] > dedup.unpack_signatures(sigs[0, 1])[0][0, 0]
+
+
+def test_crop_candidates_are_confirmed_on_the_window_signature() -> None:
+    g = np.random.default_rng(9)
+    n = 6
+    hashes = g.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, n, dtype=np.int64)
+    windows = g.integers(0, 2**63, (n, dedup.N_WINDOWS), dtype=np.int64).view(np.uint64)
+    # Row 0's crop window 3 finds row 1, row 2's window 1 finds row 3, rows 4 and 5 share a top half.
+    windows[0, 3] = np.array([flip_bits(hashes[1], [5])]).view(np.uint64)[0]
+    windows[2, 1] = np.array([flip_bits(hashes[3], [7])]).view(np.uint64)[0]
+    top = len(dedup.CROP_WINDOWS)
+    windows[5, top] = windows[4, top]
+    scenes = [g.integers(0, 256, (8, 8)) for _ in range(n)]
+    chroma = np.full((2, 4, 4), 128)
+    signatures = np.stack([signature(s, chroma) for s in scenes])  # wholes all unrelated
+    crop = np.stack([np.stack([signature(g.integers(0, 256, (8, 8)), chroma) for _ in dedup.CROP_WINDOWS])
+                     for _ in range(n)])
+    crop[0, 3] = signatures[1]  # row 0's window 3 is row 1's picture
+    # Row 2's window 1: like row 3, but not like enough (a score between CROP_LIMIT and 1).
+    other = g.integers(0, 256, (8, 8))
+    for mix in np.linspace(0, 1, 101):
+        crop[2, 1] = signature(np.round(scenes[3] * (1 - mix) + other * mix), chroma)
+        if window_score(crop[2, 1], signatures[3], 1) > dedup.CROP_LIMIT:
+            break
+    crop[4, :] = signatures[5]  # row 4's crop windows look like row 5, but only their halves meet
+    found = dedup.confirmed_pairs(hashes, signatures, 4, windows=windows, crop_signatures=crop)
+    assert list(zip(found[0].tolist(), found[1].tolist(), found[2].tolist())) == [(0, 1, 1)]
+    assert dedup.CROP_LIMIT < window_score(crop[2, 1], signatures[3], 1) <= dedup.WHOLE_LIMIT  # a whole pair's pass
+    assert dedup.confirmed_pairs(hashes, signatures, 4, windows=windows)[0].size == 0
+
+
+def window_score(a: np.ndarray, b: np.ndarray, distance: int) -> float:
+    ya, ca = dedup.unpack_signatures(a[None])
+    yb, cb = dedup.unpack_signatures(b[None])
+    return float(dedup.luma_residual(ya, yb)[0] / dedup._Y_SCALE + dedup.chroma_residual(ca, cb)[0] / dedup._C_SCALE
+                 + distance / dedup._D_SCALE)

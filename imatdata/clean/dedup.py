@@ -32,7 +32,8 @@ A crop or an overlaid line of text moves a phash past a few bits, so `confirmed_
 candidates from two more places (`window_hashes`, made from phash's own 32x32 grey image):
 the phashes of five slightly cropped windows of each image, searched against every whole
 phash (`iter_cross_pairs`), and the phashes of its top and bottom halves, searched against
-the same half of every other image at half the distance.
+the same half of every other image at half the distance. A crop window's candidate is also
+confirmed on that window's own signature (`crop_window_signatures`), under a stricter limit.
 
 This module is pure numpy: no images, no files.
 """
@@ -468,6 +469,62 @@ _Y_CELLS = SIG_Y_SIDE * SIG_Y_SIDE
 _C_CELLS = 2 * SIG_C_SIDE * SIG_C_SIDE
 SIG_BYTES = 2 + _Y_CELLS // 2 + _C_CELLS
 
+
+def pack_signatures(luma: np.ndarray, chroma: np.ndarray) -> np.ndarray:
+    """Signatures (n, SIG_BYTES) uint8 from 8x8 luma cells (n, 64) and Cb, Cr 4x4 cells
+    (n, 32), both integers 0..255: the luma at 4 bits between its min and max (rounded half
+    up), which lead, one byte each."""
+    y = np.asarray(luma, np.int32)
+    n = y.shape[0]
+    lo, hi = y.min(axis=1, keepdims=True), y.max(axis=1, keepdims=True)
+    span = np.maximum(hi - lo, 1)
+    levels = (((y - lo) * (SIG_Y_LEVELS - 1) + span // 2) // span).astype(np.uint8)
+    out = np.empty((n, SIG_BYTES), np.uint8)
+    out[:, 0], out[:, 1] = lo[:, 0], hi[:, 0]
+    out[:, 2:2 + _Y_CELLS // 2] = (levels[:, 0::2] << 4) | levels[:, 1::2]
+    out[:, 2 + _Y_CELLS // 2:] = np.asarray(chroma).reshape(n, _C_CELLS)
+    return out
+
+
+# Crop windows get signatures of their own: a crop's thumbnails are those of its source's
+# matching window, not of the whole source (on a photo whose colour changes fast everywhere a
+# 5% crop changes every cell of the whole thumbnails). A window's luma cells are area means over
+# the 32x32 luma, its chroma cells area means over a finer chroma grid (CHROMA_GRID^2 cells of
+# the whole image), both rounded to integers as the whole signature's are.
+CHROMA_GRID = 8
+
+
+def _cell_weights(a: float, b: float, cells: int, side: int) -> np.ndarray:
+    """(cells, side): area-mean weights from `side` pixels to `cells` equal cells spanning the
+    window [a, b] (fractions of the side)."""
+    edges = (a + (b - a) * np.arange(cells + 1) / cells) * side
+    left = np.arange(side, dtype=np.float64)
+    overlap = np.clip(np.minimum(left + 1, edges[1:, None]) - np.maximum(left, edges[:-1, None]), 0.0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
+def area_weights(side: int, cells: int) -> np.ndarray:
+    """(cells, side): area means of `side` pixels over `cells` equal cells of the whole side."""
+    return _cell_weights(0.0, 1.0, cells, side)
+
+
+_CROP_Y_ROWS = np.stack([_cell_weights(t, 1 - b, SIG_Y_SIDE, _SIDE) for _, t, _, b in CROP_WINDOWS])
+_CROP_Y_COLS = np.stack([_cell_weights(left, 1 - r, SIG_Y_SIDE, _SIDE).T for left, _, r, _ in CROP_WINDOWS])
+_CROP_C_ROWS = np.stack([_cell_weights(t, 1 - b, SIG_C_SIDE, CHROMA_GRID) for _, t, _, b in CROP_WINDOWS])
+_CROP_C_COLS = np.stack([_cell_weights(left, 1 - r, SIG_C_SIDE, CHROMA_GRID).T for left, _, r, _ in CROP_WINDOWS])
+
+
+def crop_window_signatures(y32: np.ndarray, chroma_grid: np.ndarray) -> np.ndarray:
+    """Signatures of each of `CROP_WINDOWS` (n, len(CROP_WINDOWS), SIG_BYTES) from the 32x32
+    luma images (n, 32, 32) and chroma grids (n, 2, CHROMA_GRID, CHROMA_GRID)."""
+    n = y32.shape[0]
+    luma = np.matmul(np.matmul(_CROP_Y_ROWS, np.asarray(y32, np.float64)[:, None]), _CROP_Y_COLS)
+    chroma = np.matmul(np.matmul(_CROP_C_ROWS[:, None], np.asarray(chroma_grid, np.float64)[:, None]),
+                       _CROP_C_COLS[:, None])
+    k = len(CROP_WINDOWS)
+    return pack_signatures(np.floor(luma.reshape(n * k, _Y_CELLS) + 0.5),
+                           np.floor(chroma.reshape(n * k, _C_CELLS) + 0.5)).reshape(n, k, SIG_BYTES)
+
 # Brightness edits scale luma by a few percent; anything beyond this gain range is a different
 # picture (a grey object and a black one of the same shape are an affine map apart).
 _GAIN_RANGE = (0.8, 1.25)
@@ -487,8 +544,9 @@ _C_FLOOR = 16.0
 _Y_SCALE = 0.64
 _C_SCALE = 0.40
 _D_SCALE = 30.0
-# Candidate pairs confirmed per vectorised step: ~1 KB of temporaries per pair.
-CONFIRM_CHUNK = 65_536
+# Candidate pairs confirmed per vectorised step: ~1 KB of temporaries per pair, so a step's
+# arrays stay in cache (65,536 a step took twice the time: 1.18 against 0.62 us a pair).
+CONFIRM_CHUNK = 4096
 
 
 def unpack_signatures(signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -548,7 +606,8 @@ class PairCount:
 
 
 def confirmed_pairs(hashes: np.ndarray, signatures: np.ndarray, max_distance: int, *,
-                    windows: np.ndarray | None = None, chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+                    windows: np.ndarray | None = None, crop_signatures: np.ndarray | None = None,
+                    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
                     count: PairCount | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs `(i, j, distance)`, i < j, whose signatures confirm a candidate pairing.
 
@@ -557,18 +616,24 @@ def confirmed_pairs(hashes: np.ndarray, signatures: np.ndarray, max_distance: in
     row's crop window is within `max_distance` of the other's phash, and those whose top or
     bottom halves are within `max_distance // 2`. A window value shared by more than
     `COMMON_WINDOW` rows (a flat or blank half) makes no candidates. Each candidate is confirmed
-    on the two whole signatures with the distance that found it (a half's candidates under the
-    stricter `HALF_LIMIT`); `distance` is the smallest such.
+    on the two whole signatures with the distance that found it, under `WHOLE_LIMIT` (a half's
+    candidates under the stricter `HALF_LIMIT`); a crop window's candidate also on that window's own signature
+    against the other's whole one under `CROP_LIMIT`, given `crop_signatures` ((n,
+    len(CROP_WINDOWS), SIG_BYTES) from `crop_window_signatures`). `distance` is the smallest
+    that found a confirmed pair.
     Candidates are confirmed chunk by chunk, so only confirmed pairs are ever held whole."""
     count = count if count is not None else PairCount()
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for ii, jj, dd, limit in _candidates(hashes, max_distance, windows, chunk_pairs):
-        for k in range(0, ii.size, CONFIRM_CHUNK):
-            i, j, d = ii[k:k + CONFIRM_CHUNK], jj[k:k + CONFIRM_CHUNK], dd[k:k + CONFIRM_CHUNK]
-            ok = confirm_pairs(signatures[i], signatures[j], d, limit)
-            count.candidates += int(i.size)
+    for qq, jj, dd, limit, ww in _candidates(hashes, max_distance, windows, chunk_pairs):
+        for k in range(0, qq.size, CONFIRM_CHUNK):
+            q, j, d = qq[k:k + CONFIRM_CHUNK], jj[k:k + CONFIRM_CHUNK], dd[k:k + CONFIRM_CHUNK]
+            ok = confirm_pairs(signatures[q], signatures[j], d, limit)
+            if ww is not None and crop_signatures is not None:
+                ok |= confirm_pairs(crop_signatures[q, ww[k:k + CONFIRM_CHUNK]], signatures[j], d, CROP_LIMIT)
+            count.candidates += int(q.size)
             if ok.any():
-                parts.append((i[ok], j[ok], d[ok]))
+                q, j, d = q[ok], j[ok], d[ok]
+                parts.append((np.minimum(q, j), np.maximum(q, j), d))
     if not parts:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty.copy(), empty.copy()
@@ -586,20 +651,36 @@ def confirmed_pairs(hashes: np.ndarray, signatures: np.ndarray, max_distance: in
 # A window hash shared by more rows than this is a blank or flat region, not a picture: it
 # makes no candidates (n rows sharing one would be n^2 / 2 pairs).
 COMMON_WINDOW = 64
-# The confirmation score a candidate from the half-image hashes must not exceed (1 for the
-# others). Two product shots on white share a blank half far more often than a phash, and
+# The confirmation score a candidate from the half-image hashes must not exceed (WHOLE_LIMIT
+# for the others). Two product shots on white share a blank half far more often than a phash, and
 # the signatures of such a pair often differ only where the objects do: on bench/dedup.py's
 # corpus (16,000 distinct images, 2,100 planted copies) halves at 1 confirmed 6 chance pairs
 # that nothing else proposed, at 0.75 none, while overlays found went from 98.8% to 98.5%.
 HALF_LIMIT = 0.75
+# The score a candidate from the phash or a crop window must not exceed on the whole
+# signatures. The scales above make 1 the fitted boundary (seed 0); 0.9 is stricter: on bench
+# corpora of seed 1 it confirms 21 chance pairs where 1 confirmed 37 (40,000 distinct pictures
+# with longer sides of 96-160 px) and 6 where it confirmed 10 (20,000), and finds as many
+# crops, 0.3-0.4% fewer overlays and up to 0.3% fewer brightness changes (10,000 and 8,000
+# distinct pictures at 256-512 px with 2,026 and 1,634 planted copies).
+WHOLE_LIMIT = 0.9
+# The score a crop window's candidate must not exceed on the window's own signature (it is
+# also tried on the whole one, under WHOLE_LIMIT). A second try at confirming is a second
+# chance for a chance pair, hence stricter. On 26,000 distinct bench images (bench/dedup.py's
+# seed 1 and the previous session's 16,000) the window signatures at 1 confirmed 4 chance
+# pairs the whole ones did not, at 0.8 none; on photos whose colour changes fast everywhere,
+# 5% crops split 4%/1% (found as candidates by a window) are confirmed 26 of 300 times on the
+# whole signatures alone (87 under 1), 216 with the windows' at 0.8 and 260 at 1.
+CROP_LIMIT = 0.8
 
 
 def _candidates(hashes: np.ndarray, max_distance: int, windows: np.ndarray | None, chunk_pairs: int
-                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
-    """Candidate pairs `(i, j, distance, limit)`, i < j, from every generator in turn, with
-    the confirmation score each must not exceed."""
+                ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray | None]]:
+    """Candidate pairs `(q, j, distance, limit, window)` from every generator in turn, q != j,
+    with the confirmation score each must not exceed; for a crop window's candidates `window`
+    says which of q's crop windows found j (else None)."""
     for i, j, d in iter_near_pairs(hashes, max_distance, chunk_pairs=chunk_pairs):
-        yield i, j, d, 1.0
+        yield i, j, d, WHOLE_LIMIT, None
     if windows is None or max_distance == 0:
         return
     windows = as_unsigned(windows)
@@ -607,20 +688,18 @@ def _candidates(hashes: np.ndarray, max_distance: int, windows: np.ndarray | Non
     # Crop windows against whole phashes (the copy lies inside its source): all windows of all
     # rows in one index, probed by the phashes (n probes rather than n * windows).
     n_crop = len(CROP_WINDOWS)
-    owner = np.repeat(np.arange(full.size, dtype=np.int64), n_crop)
     crops = windows[:, :n_crop].ravel()
     use = np.flatnonzero(~_common(crops))
     for j, q, d in iter_cross_pairs(full, crops[use], max_distance, chunk_pairs=chunk_pairs):
-        q = owner[use[q]]
-        keep = q != j
-        q, j, d = q[keep], j[keep], d[keep]
-        yield np.minimum(q, j), np.maximum(q, j), d, 1.0
+        owner, window = np.divmod(use[q], n_crop)
+        keep = owner != j
+        yield owner[keep], j[keep], d[keep], WHOLE_LIMIT, window[keep]
     # Halves against the same half of the others.
     for k in range(n_crop, N_WINDOWS):
         col = windows[:, k]
         use = np.flatnonzero(~_common(col))
         for a, b, d in iter_near_pairs(col[use], max_distance // 2, chunk_pairs=chunk_pairs):
-            yield use[a], use[b], d, HALF_LIMIT
+            yield use[a], use[b], d, HALF_LIMIT, None
 
 
 def _common(values: np.ndarray) -> np.ndarray:

@@ -11,13 +11,16 @@ rows are never dropped anyway. A row another check already dropped keeps that re
 (precedence: label_noise comes last). Ids the file names that train does not hold are
 counted and reported, never an error: the suspects may come from an older clean.
 
+`read_relabels` reads the same file for `imattrain run --relabel`, which trains on the
+suggested class of the rows it names instead of dropping them.
+
 Reads with pyarrow only (no torch: imatdata never imports the trainer).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,7 @@ class Suspects:
     ids: pa.Array  # string, unique
     details: dict[str, str]
     in_file: int  # rows of the file, before --min-score
+    suggested: dict[str, int] = field(default_factory=dict)  # id -> class (classes_needed)
 
 
 @dataclass
@@ -65,12 +69,15 @@ class LabelNoiseReport:
         return "; ".join(parts)
 
 
-def read_suspects(path: str | Path, min_score: float | None = None) -> Suspects:
-    """Read and check a suspects file; every problem is one UserError line."""
+def read_suspects(path: str | Path, min_score: float | None = None, *,
+                  flag: str = "--drop-ids", classes_needed: bool = False) -> Suspects:
+    """Read and check a suspects file; every problem is one UserError line naming `flag`.
+    With `classes_needed`, its `suggested` column must hold a class (an integer >= 0) on
+    every row kept."""
     import pyarrow.parquet as pq
 
-    where = f"--drop-ids {path}"
-    path = storage.location(str(path), "--drop-ids")
+    where = f"{flag} {path}"
+    path = storage.location(str(path), flag)
     if not storage.is_file(path):
         raise UserError(f"{where}: no such file")
     try:
@@ -95,18 +102,35 @@ def read_suspects(path: str | Path, min_score: float | None = None) -> Suspects:
         score = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
         if np.isnan(score).any():
             raise UserError(f"{where}: {int(np.isnan(score).sum())} rows without a score")
+    if classes_needed:
+        if "suggested" not in table.column_names:
+            raise UserError(f"{where}: no suggested column (the class to train on); give the "
+                            "suspects.parquet `imattrain audit` wrote")
+        col = table.column("suggested")
+        if not pa.types.is_integer(col.type):
+            raise UserError(f"{where}: column suggested is {col.type}, not a class number")
     if min_score is not None:
         if score is None:
-            raise UserError(f"{where}: --min-score needs a score column, and the file has none")
+            minimum = "--min-score" if flag == "--drop-ids" else f"{flag}-min-score"
+            raise UserError(f"{where}: {minimum} needs a score column, and the file has none")
         table = table.filter(pa.array(score >= min_score))
         score = score[score >= min_score]
+    if classes_needed:
+        col = table.column("suggested")
+        if col.null_count:
+            raise UserError(f"{where}: {col.null_count} rows without a suggested class")
+        if len(col) and pc.min(col).as_py() < 0:
+            raise UserError(f"{where}: column suggested holds a negative class")
     id_list = [str(v) for v in table.column("id").to_pylist()]
     suggested = (table.column("suggested").to_pylist() if "suggested" in table.column_names
                  else [None] * len(id_list))
     details: dict[str, str] = {}
+    classes: dict[str, int] = {}
     for k, row_id in enumerate(id_list):
         if row_id in details:
             continue  # a repeated id is dropped once, with its first (highest) score
+        if classes_needed:
+            classes[row_id] = int(suggested[k])
         bits = []
         if score is not None and math.isfinite(score[k]):
             bits.append(f"score={score[k]:.4f}")
@@ -114,7 +138,13 @@ def read_suspects(path: str | Path, min_score: float | None = None) -> Suspects:
             bits.append(f"suggested={suggested[k]}")
         details[row_id] = " ".join(bits)
     return Suspects(path=path, ids=pa.array(list(details), pa.string()), details=details,
-                    in_file=in_file)
+                    in_file=in_file, suggested=classes)
+
+
+def read_relabels(path: str | Path, min_score: float | None = None) -> dict[str, int]:
+    """`--relabel FILE [--relabel-min-score S]`: id -> the class to train on, from a suspects
+    file's `suggested` column (rows without one are an error: there is nothing to use)."""
+    return read_suspects(path, min_score, flag="--relabel", classes_needed=True).suggested
 
 
 def mark(rows: Rows, suspects: Suspects) -> LabelNoiseReport:

@@ -102,7 +102,8 @@ def find_links(rows: Rows, cfg: CleanConfig) -> Links:
     links.node_of[links.nodes.rows] = np.repeat(np.arange(lead.size), np.diff(links.nodes.starts))
     if cfg.dedup == "near":
         links.i, links.j, _ = dedup.confirmed_pairs(rows.phash[lead], rows.signature[lead], cfg.hash_distance,
-                                                    windows=rows.windows[lead], count=links.pairs)
+                                                    windows=rows.windows[lead],
+                                                    crop_signatures=rows.crop_signatures[lead], count=links.pairs)
         links.link_set = set(zip(links.i.tolist(), links.j.tolist()))
     # The representative is the node the keeper would come from: largest original, then
     # the larger body as served, then input order.
