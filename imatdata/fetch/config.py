@@ -165,6 +165,10 @@ class FetchOptions:
     # (None: `loops.default_loops()`). One loop's own work caps it near 700 images/s.
     loops: int | None = opt(None, "Network event loops, one process each, sharing out the records "
                                   "and caps (default: 1 up to 4 cores, then one per 4 cores).")
+    ray: str | None = opt(None, "Spread the fetch over a Ray cluster: its ADDRESS (host:port), auto "
+                                "(the one this machine runs) or local (start one here). Every node "
+                                "must see the lists and the root at the same path (or an s3:// root). "
+                                "Needs pip install 'imat[ray]'.", metavar="ADDRESS")
     max_pixels: int = DEFAULT_MAX_PIXELS
     resize_filter: str = opt(DEFAULT_RESIZE_FILTER, "Downscaling filter: area, bilinear, bicubic or "
                              "lanczos (all antialiased; sharper and slower in that order).",
@@ -197,3 +201,8 @@ class FetchOptions:
             raise UserError("--workers must be at least 1")
         if self.loops is not None and self.loops < 1:
             raise UserError("--loops must be at least 1")
+        if self.ray is not None and self.ray not in ("auto", "local"):
+            host, _, port = self.ray.rpartition(":")
+            if not host or not port.isdigit() or "/" in host:
+                raise UserError(f"--ray {self.ray!r}: expected the host:port of the cluster's head "
+                                "(`ray start --head` prints it), auto or local")

@@ -449,9 +449,14 @@ def run_fetch(opts: FetchOptions) -> FetchSummary:
 
 
 def _fetch(run: Run) -> dict[str, int]:
-    """Fetch what is missing, here or over several loops, while a thread seals full shards."""
+    """Fetch what is missing, here, over several loops or on a Ray cluster (`cluster`), while
+    a thread seals full shards."""
     loops = _loop_count(run.opts, run.total)
     with Sealer(run.root, list(run.scan.split_keys), run.opts.shard_rows, run.opts.seal_seconds):
+        if run.total > 0 and run.opts.ray:
+            from imatdata.fetch.cluster import fetch_on_ray
+
+            return fetch_on_ray(run)
         if run.total > 0 and loops > 1:
             with tempfile.TemporaryDirectory(prefix="imatdata-fetch-") as tmp:
                 return _fetch_parallel(replace(run, heavy_lock=str(Path(tmp) / "heavy-decode.lock")), loops)

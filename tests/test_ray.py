@@ -1,0 +1,172 @@
+"""`imatdata fetch --ray ADDRESS`: one fetch's loops as tasks on a real local Ray cluster.
+
+A head and a second node, each of 1 CPU, started as a user starts them (`ray start --head`,
+`ray start --address`; see `ray_cluster.py`), against the sample server: the fault catalogue
+gives what a local fetch gives, the per-host cap holds across nodes, Ctrl-C stops the
+cluster's tasks, and a node lost mid-run still leaves one row per record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray", reason="Ray is not installed (pip install 'imat[ray]')")
+
+from imatdata.fetch import journal_dir  # noqa: E402
+from imatdata.fetch.report import SUMMARY_NAME  # noqa: E402
+from imatsample import Catalogue, Item, big_catalogue, build_catalogue, serve_in_thread, write_lists  # noqa: E402
+from ray_cluster import RayCluster, ray_cluster, raylet_pid  # noqa: E402,F401
+from test_fetch import FAST, cli, fetch_lib, rows, spawn_fetch  # noqa: E402
+
+pytestmark = pytest.mark.timeout(240)
+
+# The columns a fetch decides; fetched_at, attempts and error wording may differ by timing.
+_SAME = ("id", "split", "label", "url", "status", "http_status", "sha256", "orig_bytes", "orig_width",
+         "orig_height", "image", "image_format", "width", "height")
+
+
+def fetch_cli(*args: object) -> tuple[int, str]:
+    """`imatdata fetch ARGS` in a fresh process, as a user runs it: Ray reads its settings
+    (the cluster's auth token among them) once per process, at import."""
+    out = subprocess.run([sys.executable, "-m", "imatdata", "fetch", *map(str, args), *FAST], capture_output=True,
+                         text=True, timeout=180)
+    return out.returncode, out.stderr
+
+
+def _by_id(root: Path) -> dict[str, tuple]:
+    return {r["id"]: tuple(r.get(c) for c in _SAME) for r in rows(root)}
+
+
+def test_fault_catalogue_through_ray_is_a_local_fetch(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    cat = build_catalogue("faults", seed=0)
+    with serve_in_thread(cat) as srv:
+        lists = write_lists(cat, srv, tmp_path / "lists")
+        sources = [lists[s] for s in ("train", "val", "test")]
+        fetch_lib(sources, tmp_path / "local", workers=2)
+        # Two tasks, one on each node (each takes the node's only CPU).
+        code, err = fetch_cli(*sources, "--root", tmp_path / "ray", "--ray", ray_cluster.address, "--loops", 2)
+        assert code == 0, err
+        first = json.loads((tmp_path / "ray" / "raw" / SUMMARY_NAME).read_text())
+        requests = srv.total_requests
+        code, err = fetch_cli(*sources, "--root", tmp_path / "ray", "--ray", ray_cluster.address, "--loops", 2)
+        assert code == 0 and srv.total_requests == requests, "a rerun fetches nothing"
+    local, on_ray = _by_id(tmp_path / "local"), _by_id(tmp_path / "ray")
+    assert Counter(r["id"] for r in rows(tmp_path / "ray")) == Counter(cat.expected().keys()), "one row per record"
+    assert on_ray == local, {k: (on_ray[k][4], local[k][4]) for k in local if on_ray.get(k) != local[k]}
+    # The tasks' reports are merged: the summary counts every row of the run.
+    assert first["attempted"] == len(on_ray) and first["this_run"] == dict(Counter(v[4] for v in on_ray.values()))
+    assert first["requests"] >= len(on_ray) and first["bytes_downloaded"] > 0
+
+
+def test_per_host_cap_holds_across_nodes(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    cat = Catalogue(kind="t", seed=0)
+    for i in range(40):
+        # Each response trickles 4 bytes 0.05 s apart, so requests overlap.
+        cat.add(Item(id=f"{i:032x}.jpg", path=f"/slow/{i}", split="train", label=1, body=b"abcd",
+                     fault="trickle", host="127.0.0.1" if i % 2 else "localhost",
+                     params={"interval": 0.05, "max_seconds": 5}))
+    with serve_in_thread(cat) as srv:
+        src = write_lists(cat, srv, tmp_path / "lists")["train"]
+        code, err = fetch_cli(src, "--root", tmp_path / "m", "--ray", ray_cluster.address, "--loops", 2,
+                              "--per-host", 3, "--concurrency", 5)
+        assert code == 0, err
+        assert srv.max_concurrency("127.0.0.1") <= 3 and srv.max_concurrency("localhost") <= 3
+        assert srv.max_concurrency() <= 5
+        # One task alone has at most 3 requests in flight: more means both nodes fetched at once.
+        assert srv.max_concurrency() >= 4
+    assert len(rows(tmp_path / "m")) == 40
+
+
+def _spawn(src: Path, root: Path, address: str) -> subprocess.Popen[bytes]:
+    # Small journal files, written often: the test acts once a few are down.
+    return spawn_fetch(src, root, ray=address, loops=2, pending=8, journal_rows=16, journal_seconds=0.2)
+
+
+def _journal_tags(root: Path) -> list[str]:
+    """The task tag of each journal file written so far."""
+    return [p.name.split("-")[2] for p in journal_dir(root, "train").glob("j-*.parquet")]
+
+
+def _wait_for_both_tasks(proc: subprocess.Popen[bytes], root: Path, files: int, timeout: float = 120) -> None:
+    """Until both tasks have journaled and there are `files` journal files in all."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        tags = _journal_tags(root)
+        if len(tags) >= files and set(tags) == {"000", "001"}:
+            return
+        time.sleep(0.02)
+    assert proc.poll() is None, "fetch finished before the test could act: " + proc.stderr.read().decode()
+    raise AssertionError(f"the tasks wrote only {_journal_tags(root)}")
+
+
+def _assert_one_ok_row_each(root: Path, n: int) -> None:
+    got = rows(root)
+    assert len(got) == n and len({r["id"] for r in got}) == n
+    assert Counter(r["status"] for r in got) == {"ok": n}
+
+
+def test_ctrl_c_stops_the_cluster_tasks_and_a_rerun_resumes(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    n = 3000
+    cat = big_catalogue(n, n_bodies=8, size=24)
+    root = tmp_path / "m"
+    with serve_in_thread(cat) as srv:
+        src = write_lists(cat, srv, tmp_path)["train"]
+        proc = _spawn(src, root, ray_cluster.address)
+        _wait_for_both_tasks(proc, root, 4)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and b"KeyboardInterrupt" in err, err
+        stopped = srv.total_requests
+        time.sleep(2)
+        assert srv.total_requests == stopped, "a task on the cluster still fetches after Ctrl-C"
+        assert stopped < n
+        code, err = fetch_cli(src, "--root", root, "--ray", ray_cluster.address)
+        assert code == 0, err
+        assert srv.total_requests - stopped < n, "the rerun resumed from the journal"
+    _assert_one_ok_row_each(root, n)
+
+
+def test_bad_address_is_one_line_exit_2_and_nothing_written(tmp_path: Path) -> None:
+    cat = build_catalogue("faults", seed=0)
+    with serve_in_thread(cat) as srv:
+        src = write_lists(cat, srv, tmp_path / "lists")["train"]
+        for address, expect in (("127.0.0.1:1", "no Ray cluster answers there"),
+                                ("ray://x", "expected the host:port"), ("head", "expected the host:port")):
+            code, _, err = cli(str(src), "--root", str(tmp_path / "m"), "--ray", address, *FAST)
+            assert code == 2, err
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and expect in lines[0], lines
+            assert not list((tmp_path / "m").glob("raw/*/*.parquet")) and srv.total_requests == 0
+
+
+def test_a_node_lost_mid_run_still_gives_one_row_per_record(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """The second node's raylet is killed while its task fetches: Ray runs the task again on
+    the head, which fetches only what the lost attempt did not journal. Runs last: it puts a
+    fresh second node back for whatever follows."""
+    n = 3000
+    cat = big_catalogue(n, n_bodies=8, size=24)
+    root = tmp_path / "m"
+    with serve_in_thread(cat) as srv:
+        src = write_lists(cat, srv, tmp_path)["train"]
+        proc = _spawn(src, root, ray_cluster.address)
+        _wait_for_both_tasks(proc, root, 4)  # so one of them runs on the node about to die
+        second = ray_cluster.nodes[1]
+        os.kill(raylet_pid(second), signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+        ray_cluster.stop_node(second)
+        if proc.returncode != 0:  # Ray gave up on the task: one clear line, and a rerun resumes
+            assert proc.returncode == 2 and b"rerun the same command" in err, err
+            code, err2 = fetch_cli(src, "--root", root, "--ray", ray_cluster.address)
+            assert code == 0, err2
+        assert srv.total_requests < 2 * n
+    _assert_one_ok_row_each(root, n)
+    ray_cluster.add_node()
