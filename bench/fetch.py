@@ -38,6 +38,12 @@ under the output root against the final size (rows wait in the journal until sea
 
     .venv/bin/python bench/fetch.py [--n 10000] [--img2dataset PATH] [--i2d-threads 16,32,64,128] [--rounds 2]
     .venv/bin/python bench/fetch.py --memory 200000
+
+Ray (--ray-nodes N [--ray-cpus C]): starts a local cluster as tests/test_ray.py does and puts
+its address wherever --imat-args says {ray}; e.g. 2 nodes of 1 core against --loops 2 on the
+same 2 cores, with the per-run and per-record cost of going through Ray:
+
+    .venv/bin/python bench/fetch.py --n 10000 --ray-nodes 2 --imat-args "--loops 2;--ray {ray}"
 """
 
 from __future__ import annotations
@@ -567,6 +573,29 @@ HEADER = f"{'downloader':44} {'ok':>6} {'wall s':>7} {'img/s':>7} {'/i2d':>6} {'
 
 
 def throughput(args: argparse.Namespace) -> None:
+    if not args.ray_nodes:
+        return _throughput(args, None)
+    from imatsample.raycluster import local_cluster
+
+    with local_cluster(args.ray_nodes, args.ray_cpus) as cluster:
+        print(f"Ray: a local cluster of {args.ray_nodes} nodes x {args.ray_cpus} CPUs at {cluster.address}")
+        _throughput(args, cluster.address)
+
+
+def ray_fixed_cost(server, work: Path, n_bodies: int, flags: dict[str, list[str]], reps: int = 3) -> dict[str, float]:
+    """Median wall time of each variant on a list of 16 URLs: what a run costs besides its
+    records (for --ray: joining the cluster, starting the tasks' workers and pools)."""
+    tiny = write_list(work / "tiny.json", server, 16, n_bodies)
+    walls: dict[str, list[float]] = {name: [] for name in flags}
+    for _ in range(reps):
+        for name, extra in flags.items():
+            root = work / "tiny-m"
+            walls[name].append(run_imat(tiny, root, extra)["wall"])
+            shutil.rmtree(root, ignore_errors=True)
+    return {name: sorted(w)[len(w) // 2] for name, w in walls.items()}
+
+
+def _throughput(args: argparse.Namespace, ray_address: str | None) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="imat-bench-fetch-"))
     try:
@@ -603,7 +632,8 @@ def throughput(args: argparse.Namespace) -> None:
             else:
                 print("img2dataset: not found (pass --img2dataset PATH); not compared")
             base = ["--max-side", str(args.max_side), "--resize-filter", args.resize_filter]
-            variants = [v.split() for v in args.imat_args.split(";")] if args.imat_args else [[]]
+            variants = [v.replace("{ray}", ray_address or "{ray}").split() for v in args.imat_args.split(";")] \
+                if args.imat_args else [[]]
             print(f"\n{args.rounds} rounds of {args.n} URLs, the order alternating "
                   f"(imatdata fetch {' '.join(base)}{' + extra flags per row' if args.imat_args else ''}):")
             print(HEADER)
@@ -634,6 +664,10 @@ def throughput(args: argparse.Namespace) -> None:
             if args.naive:
                 r = timed(server, run_naive, full, work / "naive", args.threads, args.max_side, args.resize_filter)
                 print(line(f"naive ThreadPool({args.threads}) urllib+PIL", r))
+            if ray_address:
+                fixed = ray_fixed_cost(server, work, len(bodies), {" ".join(f) or "(none)": base + f for f in variants})
+                print("\nwall on 16 URLs (median of 3), the per-run cost: " +
+                      ", ".join(f"{name}: {wall:.2f} s" for name, wall in fixed.items()))
         finally:
             server.close()
         imat_rate = sum(r["ok"] for r in imat_runs) / sum(r["wall"] for r in imat_runs)
@@ -641,7 +675,15 @@ def throughput(args: argparse.Namespace) -> None:
               f"of the image work alone on all cores ({together:.1f})")
         for flags, runs in extra_runs.items():
             rate = sum(r["ok"] for r in runs) / sum(r["wall"] for r in runs)
-            print(f"imatdata fetch {flags}: {rate:.1f} images/s over {len(runs)} runs")
+            print(f"imatdata fetch {flags}: {rate:.1f} images/s over {len(runs)} runs = "
+                  f"{100 * rate / imat_rate:.0f}% of the first variant")
+            if ray_address and "--ray" in flags:
+                first = " ".join(variants[0]) or "(none)"
+                per_run = fixed[flags] - fixed[first]
+                walls = (sum(r["wall"] for r in runs) / len(runs), sum(r["wall"] for r in imat_runs) / len(imat_runs))
+                per_record = (walls[0] - walls[1] - per_run) / args.n
+                print(f"  Ray's overhead: {per_run:.2f} s per run, {1e6 * per_record:.0f} us per record "
+                      f"(wall {walls[0]:.1f} s vs {walls[1]:.1f} s, less the per-run cost, over {args.n} records)")
         if i2d_runs:
             i2d_rate = sum(r["ok"] for r in i2d_runs) / sum(r["wall"] for r in i2d_runs)
             print(f"img2dataset at its best ({cores} x {best_threads} threads): {i2d_rate:.1f} images/s")
@@ -712,6 +754,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=32, help="threads of the naive downloader")
     parser.add_argument("--ceiling-seconds", type=float, default=5.0)
     parser.add_argument("--memory", type=int, default=0, help="run the memory part with this many tiny images")
+    parser.add_argument("--ray-nodes", type=int, default=0, help="start a local Ray cluster of this many nodes "
+                        "for the run; '{ray}' in --imat-args is its address")
+    parser.add_argument("--ray-cpus", type=int, default=1, help="CPUs each Ray node offers")
     args = parser.parse_args()
     if args.memory:
         memory(args)

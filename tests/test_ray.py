@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ pytest.importorskip("ray", reason="Ray is not installed (pip install 'imat[ray]'
 from imatdata.fetch import journal_dir  # noqa: E402
 from imatdata.fetch.report import SUMMARY_NAME  # noqa: E402
 from imatsample import Catalogue, Item, big_catalogue, build_catalogue, serve_in_thread, write_lists  # noqa: E402
-from ray_cluster import RayCluster, ray_cluster, raylet_pid  # noqa: E402,F401
+from imatsample.raycluster import RayCluster, local_cluster, raylet_pid  # noqa: E402
 from test_fetch import FAST, cli, fetch_lib, rows, spawn_fetch  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
@@ -34,11 +35,17 @@ _SAME = ("id", "split", "label", "url", "status", "http_status", "sha256", "orig
          "orig_height", "image", "image_format", "width", "height")
 
 
-def fetch_cli(*args: object) -> tuple[int, str]:
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    with local_cluster(nodes=2, cpus=1) as cluster:
+        yield cluster
+
+
+def fetch_cli(*args: object, env: dict[str, str] | None = None) -> tuple[int, str]:
     """`imatdata fetch ARGS` in a fresh process, as a user runs it: Ray reads its settings
     (the cluster's auth token among them) once per process, at import."""
     out = subprocess.run([sys.executable, "-m", "imatdata", "fetch", *map(str, args), *FAST], capture_output=True,
-                         text=True, timeout=180)
+                         text=True, timeout=180, env=env)
     return out.returncode, out.stderr
 
 
@@ -114,7 +121,11 @@ def _assert_one_ok_row_each(root: Path, n: int) -> None:
     assert Counter(r["status"] for r in got) == {"ok": n}
 
 
-def test_ctrl_c_stops_the_cluster_tasks_and_a_rerun_resumes(ray_cluster: RayCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_stopping_the_driver_stops_the_cluster_tasks_and_a_rerun_resumes(ray_cluster: RayCluster, tmp_path: Path,
+                                                                          sig: int) -> None:
+    """Ctrl-C: the tasks are asked to stop and flush their journals. kill -9: Ray ends the
+    tasks of a driver that is gone (within a second here)."""
     n = 3000
     cat = big_catalogue(n, n_bodies=8, size=24)
     root = tmp_path / "m"
@@ -122,12 +133,17 @@ def test_ctrl_c_stops_the_cluster_tasks_and_a_rerun_resumes(ray_cluster: RayClus
         src = write_lists(cat, srv, tmp_path)["train"]
         proc = _spawn(src, root, ray_cluster.address)
         _wait_for_both_tasks(proc, root, 4)
-        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode != 0 and b"KeyboardInterrupt" in err, err
-        stopped = srv.total_requests
+        if sig == signal.SIGINT:
+            assert proc.returncode != 0 and b"KeyboardInterrupt" in err, err
+        deadline = time.monotonic() + 15
+        stopped = -1
+        while srv.total_requests != stopped and time.monotonic() < deadline:
+            stopped = srv.total_requests
+            time.sleep(1)
         time.sleep(2)
-        assert srv.total_requests == stopped, "a task on the cluster still fetches after Ctrl-C"
+        assert srv.total_requests == stopped, "a task on the cluster still fetches after the driver stopped"
         assert stopped < n
         code, err = fetch_cli(src, "--root", root, "--ray", ray_cluster.address)
         assert code == 0, err
@@ -146,6 +162,23 @@ def test_bad_address_is_one_line_exit_2_and_nothing_written(tmp_path: Path) -> N
             lines = err.strip().splitlines()
             assert len(lines) == 1 and expect in lines[0], lines
             assert not list((tmp_path / "m").glob("raw/*/*.parquet")) and srv.total_requests == 0
+
+
+def test_ray_local_starts_a_cluster_of_its_own_and_stops_it(tmp_path: Path) -> None:
+    cat = build_catalogue("faults", seed=0)
+    # A home of its own: a new local Ray writes its token to ~/.ray.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
+    with serve_in_thread(cat) as srv:
+        src = write_lists(cat, srv, tmp_path / "lists")["train"]
+        code, err = fetch_cli(src, "--root", tmp_path / "m", "--ray", "local", env=env)
+        assert code == 0, err
+    expected = {k: v for k, v in cat.expected().items() if cat.by_id[k].split == "train"}
+    assert {r["id"]: r["status"] for r in rows(tmp_path / "m")} == expected
+    # Its GCS server and raylet are gone (those of the test cluster live in /tmp/imr-*).
+    ps = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout.splitlines()
+    left = [line for line in ps if not line.startswith("Z") and ("gcs_server" in line or "/raylet " in line)
+            and "/tmp/imr-" not in line]
+    assert not left, left
 
 
 def test_a_node_lost_mid_run_still_gives_one_row_per_record(ray_cluster: RayCluster, tmp_path: Path) -> None:

@@ -168,7 +168,7 @@ class FetchOptions:
     ray: str | None = opt(None, "Spread the fetch over a Ray cluster: its ADDRESS (host:port), auto "
                                 "(the one this machine runs) or local (start one here). Every node "
                                 "must see the lists and the root at the same path (or an s3:// root). "
-                                "Needs pip install 'imat[ray]'.", metavar="ADDRESS")
+                                "Needs Ray on every node (imat's ray extra).", metavar="ADDRESS")
     max_pixels: int = DEFAULT_MAX_PIXELS
     resize_filter: str = opt(DEFAULT_RESIZE_FILTER, "Downscaling filter: area, bilinear, bicubic or "
                              "lanczos (all antialiased; sharper and slower in that order).",

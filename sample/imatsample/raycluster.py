@@ -1,8 +1,12 @@
-"""A real local Ray cluster for the tests: a head and a second node, each started as a user
-starts one (`ray start --head`, then `ray start --address`), each with 1 CPU, in a temporary
-folder on free ports, on 127.0.0.1. Each node is one `ray start --block` process leading a
-process group of its own: stopping a node kills that group (never `ray stop`, which would
-stop every Ray on the machine), and `raylet_pid` finds a node's raylet so a test can kill it.
+"""A real local Ray cluster for the tests and bench/fetch.py --ray-nodes: a head and more
+nodes on this machine, each started as a user starts one (`ray start --head`, then
+`ray start --address`), in a temporary folder, on free ports, on 127.0.0.1, with a token of
+its own. Each node is one `ray start --block` process leading a process group of its own:
+stopping a node kills that group (never `ray stop`, which would stop every Ray on the
+machine), and `raylet_pid` finds a node's raylet so a test can kill it.
+
+    with local_cluster(nodes=2, cpus=1) as cluster:    # cluster.address: host:port
+        ...                                             # a client needs cluster.env()
 """
 
 from __future__ import annotations
@@ -17,10 +21,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
 
 
 def ray_binary() -> str | None:
@@ -38,13 +41,11 @@ def free_port() -> int:
 class RayCluster:
     address: str  # 127.0.0.1:port of the head's GCS
     folder: Path
+    cpus: int = 1  # each node's
     nodes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "RAY_ADDRESS": self.address}
-
-    def add_node(self, cpus: int = 1) -> subprocess.Popen[bytes]:
-        node = _start_node(["--address", self.address], cpus, self.folder)
+    def add_node(self) -> subprocess.Popen[bytes]:
+        node = _start_node(["--address", self.address], self.cpus, self.folder)
         _wait_for_nodes(self.address, self.folder, len(self.nodes) + 1)
         self.nodes.append(node)
         return node
@@ -142,20 +143,23 @@ def raylet_pid(node: subprocess.Popen[bytes]) -> int:
     raise LookupError("no raylet in that node's process group")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[RayCluster]:
+@contextmanager
+def local_cluster(nodes: int = 2, cpus: int = 1) -> Iterator[RayCluster]:
+    """Start a head and `nodes - 1` more nodes of `cpus` CPUs each; this process's
+    environment points Ray clients at the cluster's token meanwhile. Everything is killed
+    and removed on exit."""
     if ray_binary() is None:
-        pytest.skip("Ray is not installed (pip install 'imat[ray]')")
+        raise RuntimeError("Ray is not installed (pip install 'imat[ray]')")
     folder = Path(tempfile.mkdtemp(prefix="imr-", dir="/tmp"))  # short: Ray's socket paths have a limit
     port = free_port()
-    cluster = RayCluster(address=f"127.0.0.1:{port}", folder=folder)
-    head = _start_node(["--head", "--port", str(port), "--include-dashboard=false"], 1, folder)
-    cluster.nodes.append(head)
+    cluster = RayCluster(address=f"127.0.0.1:{port}", folder=folder, cpus=cpus)
     saved = {k: os.environ.get(k) for k in _auth(folder)}
-    os.environ.update(_auth(folder))  # this process and the fetches it spawns are the cluster's clients
     try:
+        cluster.nodes.append(_start_node(["--head", "--port", str(port), "--include-dashboard=false"], cpus, folder))
         _wait_for_nodes(cluster.address, folder, 1)
-        cluster.add_node()
+        for _ in range(nodes - 1):
+            cluster.add_node()
+        os.environ.update(_auth(folder))  # this process and what it spawns are the cluster's clients
         yield cluster
     finally:
         for key, value in saved.items():
