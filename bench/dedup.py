@@ -499,7 +499,8 @@ def chance_pairs(root: Path, distances: list[int], workers: int) -> tuple[int, l
     for d in distances:
         count = dedup.PairCount()
         i, j, _ = dedup.confirmed_pairs(rows.phash[keep], rows.signature[keep], d, windows=rows.windows[keep],
-                                        crop_signatures=rows.crop_signatures[keep], count=count)
+                                        crop_signatures=rows.crop_signatures[keep], fine=rows.fine[keep],
+                                        count=count)
         ci, cj, _ = dedup.near_pairs(rows.phash[keep], d)
         out.append(Chance(d, int(ci.size), count.candidates, count.confirmed, int((product[ci] & product[cj]).sum()),
                           int((product[i] & product[j]).sum())))

@@ -320,3 +320,61 @@ def window_score(a: np.ndarray, b: np.ndarray, distance: int) -> float:
     yb, cb = dedup.unpack_signatures(b[None])
     return float(dedup.luma_residual(ya, yb)[0] / dedup._Y_SCALE + dedup.chroma_residual(ca, cb)[0] / dedup._C_SCALE
                  + distance / dedup._D_SCALE)
+
+
+def test_fine_hashes_are_the_dct_band_outside_phashs_corner() -> None:
+    # The whole view against scipy's 2-D DCT-II of the 32x32, in float64: every bit agrees but
+    # where a coefficient sits at the median (float32 inside).
+    import scipy.fftpack
+
+    g = np.random.default_rng(11)
+    grey = g.random((40, 32, 32)) * 255
+    fine = dedup.fine_hashes(grey)
+    assert fine.shape == (40, dedup.N_FINE_VIEWS, dedup.FINE_BYTES) and dedup.FINE_BITS == 192
+    block = scipy.fftpack.dct(scipy.fftpack.dct(grey, axis=1), axis=2)[:, :16, :16]
+    band = np.concatenate([block[:, :8, 8:].reshape(40, -1), block[:, 8:, :].reshape(40, -1)], axis=1)
+    want = np.packbits(band > np.median(band, axis=1, keepdims=True), axis=1)
+    assert np.unpackbits(fine[:, 0] ^ want).sum() <= 2
+    assert all((dedup.fine_hashes(grey[k])[0] == fine[k]).all() for k in range(3))
+    # A crop window's view is the fine hash of that part of the picture; the whole view is not.
+    from PIL import Image
+
+    cells = (np.random.default_rng(6).random((12, 12)) * 255).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(cells).resize((320, 320), Image.Resampling.BICUBIC))
+
+    def grey32(img: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.LANCZOS), np.float64)
+
+    views = dedup.fine_hashes(grey32(smooth))[0]
+    for k, (left, top, right, bottom) in enumerate(dedup.CROP_WINDOWS):
+        crop = smooth[round(320 * top):320 - round(320 * bottom), round(320 * left):320 - round(320 * right)]
+        of_crop = dedup.fine_hashes(grey32(np.ascontiguousarray(crop)))[0, 0]
+        near = np.unpackbits(views[k + 1] ^ of_crop).sum()
+        whole = np.unpackbits(views[0] ^ of_crop).sum()
+        assert near <= 6 and whole >= 24, (k, near, whole)
+
+
+def test_confirmed_pairs_need_the_fine_hashes_to_agree() -> None:
+    # Six rows whose signatures all agree: rows 0-1 a phash pair, rows 2-3 a crop window's pair
+    # (row 2's window 4 finds row 3), rows 4-5 a phash pair whose fine hashes differ.
+    g = np.random.default_rng(12)
+    n = 6
+    hashes = g.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, n, dtype=np.int64)
+    hashes[1], hashes[5] = flip_bits(hashes[0], [1]), flip_bits(hashes[4], [2])
+    windows = g.integers(0, 2**63, (n, dedup.N_WINDOWS), dtype=np.int64).view(np.uint64)
+    windows[2, 4] = np.array([hashes[3]]).view(np.uint64)[0]
+    signatures = np.tile(g.integers(0, 256, dedup.SIG_BYTES, dtype=np.uint8), (n, 1))
+    fine = g.integers(0, 256, (n, dedup.N_FINE_VIEWS, dedup.FINE_BYTES), dtype=np.uint8)
+    fine[1, 0] = fine[0, 0]
+    fine[2, 5] = fine[3, 0]  # row 2's window 4 (view 5) is row 3's picture; its whole view is not
+    bits = np.unpackbits(fine[4, 0])
+    bits[:dedup.FINE_MAX_BITS + 1] ^= 1  # one bit too many
+    fine[5, 0] = np.packbits(bits)
+    found = dedup.confirmed_pairs(hashes, signatures, 4, windows=windows, fine=fine)
+    assert sorted(zip(found[0].tolist(), found[1].tolist())) == [(0, 1), (2, 3)]
+    bits[0] ^= 1  # within the limit now
+    fine[5, 0] = np.packbits(bits)
+    fine[2, 5] = fine[2, 0]  # and the crop's window no longer matches
+    found = dedup.confirmed_pairs(hashes, signatures, 4, windows=windows, fine=fine)
+    assert sorted(zip(found[0].tolist(), found[1].tolist())) == [(0, 1), (4, 5)]
+    assert dedup.confirmed_pairs(hashes, signatures, 4, windows=windows)[0].size == 3  # no fine look

@@ -15,8 +15,9 @@ compares them): an 8x8 luma thumbnail and 4x4 chroma thumbnails, 66 bytes (layou
 `dedup`), the luma from the 32x32 resize phash makes anyway. A colour JPEG is drafted as
 YCbCr rather than L: its Y plane is the very plane an L draft gives (so the phash is
 unchanged). The 32x32 grey image also gives the *window hashes* (`dedup.window_hashes`: crop
-windows and halves, more candidates for the search) and, with an 8x8 grid of chroma means,
-the crop windows' own signatures (`dedup.crop_window_signatures`).
+windows and halves, more candidates for the search), the *fine hashes* that a confirmed
+candidate must also pass (`dedup.fine_hashes`) and, with an 8x8 grid of chroma means, the crop
+windows' own signatures (`dedup.crop_window_signatures`).
 
 The resizes are Pillow's (Lanczos to 32x32 as imagehash does, BOX to 4x4 for the chroma),
 computed here as matrix products with weights made once per image size, bit for bit what
@@ -55,7 +56,7 @@ from PIL import Image
 from imatdata import storage
 from imatdata.clean.config import CleanConfig
 from imatdata.clean.dedup import (CHROMA_GRID, SIG_C_SIDE, SIG_Y_SIDE, area_weights, crop_window_signatures,
-                                  pack_signatures, window_hashes)
+                                  fine_hashes, pack_signatures, window_hashes)
 from imatdata.clean.report import ProgressFn
 from imatdata.clean.rows import Rows, raw_batches
 from imatdata.manifest import list_shards
@@ -345,10 +346,10 @@ def _chroma_weights(w: int) -> np.ndarray:
 
 
 def _looks(greys: np.ndarray, lumas: np.ndarray, chromas: np.ndarray, grids: np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For a batch of `_planes` stacked: the phashes (n,) int64, signatures (n, SIG_BYTES)
-    uint8, window hashes (n, N_WINDOWS) uint64 and crop windows' signatures (n,
-    len(CROP_WINDOWS), SIG_BYTES) uint8."""
+    uint8, window hashes (n, N_WINDOWS) uint64, crop windows' signatures (n,
+    len(CROP_WINDOWS), SIG_BYTES) uint8 and fine hashes (n, N_FINE_VIEWS, FINE_BYTES) uint8."""
     n = greys.shape[0]
     # imagehash.phash's steps, a batch at once (the same values: each 1-D DCT is computed alone
     # either way): the DCT of the columns, then of the first 8 rows, its 8x8 low corner against
@@ -360,21 +361,21 @@ def _looks(greys: np.ndarray, lumas: np.ndarray, chromas: np.ndarray, grids: np.
     # Luma cells: means of 4x4 blocks of the 32x32, rounded half up as Pillow's `reduce` does.
     sums = lumas.reshape(n, SIG_Y_SIDE, _CELL, SIG_Y_SIDE, _CELL).sum(axis=(2, 4)).reshape(n, -1).astype(np.int32)
     signatures = pack_signatures((sums + _CELL * _CELL // 2) // (_CELL * _CELL), chromas.reshape(n, -1))
-    return phashes, signatures, window_hashes(lumas), crop_window_signatures(lumas, grids)
+    return phashes, signatures, window_hashes(lumas), crop_window_signatures(lumas, grids), fine_hashes(lumas)
 
 
 _CELL = PHASH_SIDE // SIG_Y_SIDE
 
 
-def _look_one(data: bytes) -> tuple[int, bytes, np.ndarray, np.ndarray]:
-    """The phash, signature, window hashes and crop windows' signatures of one image (raises
-    if it does not decode)."""
+def _look_one(data: bytes) -> tuple[int, bytes, np.ndarray, np.ndarray, np.ndarray]:
+    """The phash, signature, window hashes, crop windows' signatures and fine hashes of one
+    image (raises if it does not decode)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img, _, _ = _decode_for_hash(data)
         look = _first_look(img)
-    ph, sig, win, crop_sig = _looks(*_batch_planes([look]))
-    return int(ph[0]), sig[0].tobytes(), win[0], crop_sig[0]
+    ph, sig, win, crop_sig, fine = _looks(*_batch_planes([look]))
+    return int(ph[0]), sig[0].tobytes(), win[0], crop_sig[0], fine[0]
 
 
 def image_phash(data: bytes) -> int:
@@ -397,6 +398,11 @@ def image_crop_signatures(data: bytes) -> np.ndarray:
     return _look_one(data)[3]
 
 
+def image_fine_hashes(data: bytes) -> np.ndarray:
+    """The fine hashes (N_FINE_VIEWS, FINE_BYTES) clean compares for these image bytes."""
+    return _look_one(data)[4]
+
+
 @dataclass(frozen=True)
 class HashedRow:
     phash: int | None
@@ -407,6 +413,7 @@ class HashedRow:
     signature: bytes | None = None  # what confirms a phash match (`image_signature`)
     windows: bytes | None = None  # more candidates: crop windows and halves (`image_windows`)
     crop_signatures: bytes | None = None  # the crop windows' own signatures, one after another
+    fine: bytes | None = None  # the fine hashes, whole picture then crop windows (`image_fine_hashes`)
 
 
 def hash_batch(images: Sequence[bytes | None], want_sha: Sequence[bool]) -> list[HashedRow]:
@@ -432,10 +439,10 @@ def hash_batch(images: Sequence[bytes | None], want_sha: Sequence[bool]) -> list
             sizes.append((len(out), width, height, digest))
             out.append(None)
     if looks:
-        phashes, signatures, windows, crop_signatures = _looks(*_batch_planes(looks))
+        phashes, signatures, windows, crop_signatures, fine = _looks(*_batch_planes(looks))
         for k, (pos, width, height, digest) in enumerate(sizes):
             out[pos] = HashedRow(int(phashes[k]), width, height, None, digest, signatures[k].tobytes(),
-                                 windows[k].tobytes(), crop_signatures[k].tobytes())
+                                 windows[k].tobytes(), crop_signatures[k].tobytes(), fine[k].tobytes())
     return out  # type: ignore[return-value]
 
 
@@ -469,10 +476,12 @@ def _check_decoded(rows: Rows, g: int, meta: dict[str, Any], hashed: HashedRow) 
         return False
     assert hashed.phash is not None and hashed.width is not None and hashed.height is not None
     assert hashed.signature is not None and hashed.windows is not None and hashed.crop_signatures is not None
+    assert hashed.fine is not None
     rows.phash[g] = hashed.phash
     rows.signature[g] = np.frombuffer(hashed.signature, np.uint8)
     rows.windows[g] = np.frombuffer(hashed.windows, np.uint64)
     rows.crop_signatures[g] = np.frombuffer(hashed.crop_signatures, np.uint8).reshape(rows.crop_signatures.shape[1:])
+    rows.fine[g] = np.frombuffer(hashed.fine, np.uint8).reshape(rows.fine.shape[1:])
     rows.has_hash[g] = True
     sw, sh = meta["width"], meta["height"]
     if (sw is not None and sw != hashed.width) or (sh is not None and sh != hashed.height):

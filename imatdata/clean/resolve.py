@@ -44,7 +44,7 @@ _WRITE_BATCH_ROWS = 512
 @dataclass
 class Nodes:
     """Rows that are one picture for sure: the same sha256 or, with `--dedup near`, the same
-    phash and signature (the second look could only confirm them). Node k is
+    phash, signature and whole fine hash (the looks could only confirm them). Node k is
     `rows[starts[k]:starts[k + 1]]`, ascending; its rows share one phash and signature."""
 
     rows: np.ndarray
@@ -103,7 +103,8 @@ def find_links(rows: Rows, cfg: CleanConfig) -> Links:
     if cfg.dedup == "near":
         links.i, links.j, _ = dedup.confirmed_pairs(rows.phash[lead], rows.signature[lead], cfg.hash_distance,
                                                     windows=rows.windows[lead],
-                                                    crop_signatures=rows.crop_signatures[lead], count=links.pairs)
+                                                    crop_signatures=rows.crop_signatures[lead], fine=rows.fine[lead],
+                                                    count=links.pairs)
         links.link_set = set(zip(links.i.tolist(), links.j.tolist()))
     # The representative is the node the keeper would come from: largest original, then
     # the larger body as served, then input order.
@@ -123,7 +124,8 @@ def _nodes(rows: Rows, pool: np.ndarray, *, near: bool) -> Nodes:
     uf = dedup.UnionFind(pool.size)
     uf.union(*dedup.equal_value_pairs(rows.sha[pool]))
     if near:
-        look = np.concatenate([rows.phash[pool].view(np.uint8).reshape(-1, 8), rows.signature[pool]], axis=1)
+        look = np.concatenate([rows.phash[pool].view(np.uint8).reshape(-1, 8), rows.signature[pool],
+                               rows.fine[pool, 0]], axis=1)
         uf.union(*dedup.equal_value_pairs(look.view(f"V{look.shape[1]}").ravel()))
     roots = uf.roots()
     order = np.argsort(roots, kind="stable")

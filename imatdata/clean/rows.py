@@ -3,8 +3,8 @@
 Pass 1 (`checks`) fills a `Rows` table; `resolve` reads it to group duplicates, adds its
 own reasons, and streams raw/ a second time to write the kept rows. The table holds ids,
 labels, sizes, hashes and signatures only, never image bytes, so a million rows fit in
-memory (~530 bytes a row besides the ids and details: 66 of them the signature, 56 the
-window hashes, 330 the crop windows' signatures).
+memory (~670 bytes a row besides the ids and details: 66 of them the signature, 56 the
+window hashes, 330 the crop windows' signatures, 144 the fine hashes).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from imatdata.clean.dedup import CROP_WINDOWS, N_WINDOWS, SIG_BYTES
+from imatdata.clean.dedup import CROP_WINDOWS, FINE_BYTES, N_FINE_VIEWS, N_WINDOWS, SIG_BYTES
 from imatdata.manifest import DROP_REASONS, read_row_group, row_groups
 
 KEEP = 0  # reason code of a row no check has dropped (yet)
@@ -45,6 +45,7 @@ class Rows:
     signature: np.ndarray = field(default_factory=lambda: np.zeros((0, SIG_BYTES), np.uint8))
     windows: np.ndarray = field(default_factory=lambda: np.zeros((0, N_WINDOWS), np.uint64))
     crop_signatures: np.ndarray = field(default_factory=lambda: np.zeros((0, len(CROP_WINDOWS), SIG_BYTES), np.uint8))
+    fine: np.ndarray = field(default_factory=lambda: np.zeros((0, N_FINE_VIEWS, FINE_BYTES), np.uint8))
     reason: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
     detail: dict[int, str] = field(default_factory=dict)
 
@@ -61,6 +62,7 @@ class Rows:
         self.signature = np.zeros((n, SIG_BYTES), np.uint8)
         self.windows = np.zeros((n, N_WINDOWS), np.uint64)
         self.crop_signatures = np.zeros((n, len(CROP_WINDOWS), SIG_BYTES), np.uint8)
+        self.fine = np.zeros((n, N_FINE_VIEWS, FINE_BYTES), np.uint8)
         self.reason = np.zeros(n, np.int8)
 
     def id_of(self, g: int) -> str:
