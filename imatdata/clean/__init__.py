@@ -43,7 +43,8 @@ are *near* duplicates when their 64-bit perceptual hashes differ in at most
 other's hash, or their top or bottom halves are within half as many bits, see
 `dedup.confirmed_pairs`) *and* a second look confirms them: their signatures
 (luma 8x8 and chroma 4x4 thumbnails from the same decode) agree within what a re-encode,
-resize, small crop, brightness change or overlaid text leaves (`dedup.confirm_pairs`).
+resize, small crop, brightness change or overlaid text leaves (`dedup.confirm_pairs`),
+and so do their fine hashes (the next octave of the phash's DCT, `dedup.fine_hashes`).
 A group is one representative (the largest original) and the rows exact or confirmed
 against it, never a chain of neighbours, within and across classes and splits, restricted
 to rows that passed checks 1-4 (test rows take part whenever they could be hashed, flagged
@@ -51,8 +52,8 @@ or not). `--dedup exact` links exact duplicates only; `--dedup off` forms no gro
 checks 5-8 are all off. A group is resolved per split for checks 7-8.
 
 The work is split by concern: `config` (the knobs), `checks` (pass 1: checks 1-4, the
-perceptual hash and the signature, in a process pool), `dedup` (the near-duplicate index,
-the second look, star groups), `resolve` (passes
+perceptual hash, the signature and the fine hashes, in a process pool), `dedup` (the
+near-duplicate index, the second and third looks, star groups), `resolve` (passes
 2 and 3: checks 5-8, then the new clean/ built beside the old one and swapped in whole),
 `rows` (what passes 1-3 share), `report` (figures, table, progress bars).
 """

@@ -35,10 +35,10 @@ phash (`iter_cross_pairs`), and the phashes of its top and bottom halves, search
 the same half of every other image at half the distance. A crop window's candidate is also
 confirmed on that window's own signature (`crop_window_signatures`), under a stricter limit.
 
-Grey objects on white pass both looks more often than any other pair of different pictures:
-the signatures' chroma is neutral and a small object is a few cells of their 8x8 luma. So a
-confirmed candidate must also pass a third look, the *fine hashes* (`fine_hashes`: the next
-octave of the DCT phash starts from, 192 bits, for the whole picture and each crop window).
+Grey objects on white pass the phash and the signatures more often than any other pair of
+different pictures: their chroma is neutral and a small object is a few cells of an 8x8 luma.
+So a confirmed candidate must also pass a third look, its *fine hashes* (`fine_hashes`: the
+next octave of phash's DCT, 192 bits, for the whole picture and for each crop window).
 
 This module is pure numpy: no images, no files.
 """
