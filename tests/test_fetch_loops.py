@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from imatdata.fetch import store
 from imatdata.fetch import journal_dir
 from imatdata.manifest import list_shards
-from imatsample import Catalogue, Item, big_catalogue, build_catalogue, serve_in_thread, write_lists
+from imatsample import big_catalogue, build_catalogue, serve_in_thread, two_host_trickles, write_lists
 from test_fetch import FAST, cli, fetch_lib, group_gone, kill_fetch, rows, spawn_fetch, wait_while_running
 
 
@@ -49,12 +49,7 @@ def test_fault_catalogue_over_two_loops(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_caps_hold_for_the_run_as_a_whole(tmp_path: Path) -> None:
-    cat = Catalogue(kind="t", seed=0)
-    for i in range(40):
-        # Each response trickles 4 bytes 0.05 s apart, so requests overlap.
-        cat.add(Item(id=f"{i:032x}.jpg", path=f"/slow/{i}", split="train", label=1, body=b"abcd",
-                     fault="trickle", host="127.0.0.1" if i % 2 else "localhost",
-                     params={"interval": 0.05, "max_seconds": 5}))
+    cat = two_host_trickles(40)
     with serve_in_thread(cat) as srv:
         src = write_lists(cat, srv, tmp_path / "lists")["train"]
         from imatdata.fetch.download import NetConfig

@@ -24,7 +24,7 @@ pytest.importorskip("ray", reason="Ray is not installed (pip install 'imat[ray]'
 
 from imatdata.fetch import journal_dir  # noqa: E402
 from imatdata.fetch.report import SUMMARY_NAME  # noqa: E402
-from imatsample import Catalogue, Item, big_catalogue, build_catalogue, serve_in_thread, write_lists  # noqa: E402
+from imatsample import big_catalogue, build_catalogue, serve_in_thread, two_host_trickles, write_lists  # noqa: E402
 from imatsample.raycluster import RayCluster, local_cluster, raylet_pid  # noqa: E402
 from test_fetch import FAST, cli, fetch_lib, rows, spawn_fetch  # noqa: E402
 
@@ -75,12 +75,7 @@ def test_fault_catalogue_through_ray_is_a_local_fetch(ray_cluster: RayCluster, t
 
 
 def test_per_host_cap_holds_across_nodes(ray_cluster: RayCluster, tmp_path: Path) -> None:
-    cat = Catalogue(kind="t", seed=0)
-    for i in range(40):
-        # Each response trickles 4 bytes 0.05 s apart, so requests overlap.
-        cat.add(Item(id=f"{i:032x}.jpg", path=f"/slow/{i}", split="train", label=1, body=b"abcd",
-                     fault="trickle", host="127.0.0.1" if i % 2 else "localhost",
-                     params={"interval": 0.05, "max_seconds": 5}))
+    cat = two_host_trickles(40)
     with serve_in_thread(cat) as srv:
         src = write_lists(cat, srv, tmp_path / "lists")["train"]
         code, err = fetch_cli(src, "--root", tmp_path / "m", "--ray", ray_cluster.address, "--loops", 2,

@@ -27,6 +27,7 @@ from imatsample.catalogue import (
     big_catalogue,
     build_catalogue,
     product_classes,
+    two_host_trickles,
 )
 from imatsample.images import (
     encode,
@@ -42,4 +43,4 @@ from imatsample.server import SampleServer, serve_in_thread
 __all__ = ["EXPECTED_STATUSES", "HOSTS", "MIB", "PRIVATE_REDIRECT", "Catalogue", "Item", "SampleServer",
            "TinyRange", "big_catalogue", "build_catalogue", "encode", "jpeg_bomb", "photo_corpus",
            "png_bomb", "product_classes", "product_style", "render_product", "serve_in_thread",
-           "write_lists"]
+           "two_host_trickles", "write_lists"]

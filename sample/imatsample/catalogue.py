@@ -515,6 +515,18 @@ def build_catalogue(kind: str = "faults", seed: int = 0, **sizes: Any) -> Catalo
     raise ValueError(f"unknown catalogue kind {kind!r}; use 'faults' or 'demo'")
 
 
+def two_host_trickles(n: int = 40, interval: float = 0.05) -> Catalogue:
+    """`n` tiny bodies on two host names (127.0.0.1 and localhost, alternating), each response
+    trickling 4 bytes `interval` s apart so that requests overlap: for tests of concurrency
+    caps per host and per run."""
+    cat = Catalogue(kind="t", seed=0)
+    for i in range(n):
+        cat.add(Item(id=f"{i:032x}.jpg", path=f"/slow/{i}", split="train", label=1, body=b"abcd",
+                     fault="trickle", host="127.0.0.1" if i % 2 else "localhost",
+                     params={"interval": interval, "max_seconds": 5}))
+    return cat
+
+
 def big_catalogue(n_records: int, seed: int = 0, n_bodies: int = 32, size: int = 32,
                   n_classes: int = 100, split: str = "train") -> Catalogue:
     """`n_records` tiny images served at /tiny/{i}.jpg, without one Item per record.
