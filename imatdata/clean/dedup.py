@@ -670,7 +670,7 @@ def fine_agree(fine_a: np.ndarray, fine_b: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PairCount:
-    """How many candidate pairs the phash search found and how many the second look kept."""
+    """How many candidate pairs the search found and how many the second and third looks kept."""
 
     candidates: int = 0
     confirmed: int = 0
