@@ -37,7 +37,7 @@ so a false match between distinct images mostly shows as `label_conflict` (or a 
 Reported: recall per transform (the pair put in one group: one of the two dropped naming
 the other), false drops (a distinct image dropped for a duplicate-based reason it does not
 have), the chance candidate pairs among distinct images (pHash within `--hash-distance`,
-and all candidates: crop windows and halves too) against those the second look confirmed,
+and all candidates: crop windows and halves too) against those every look confirmed,
 the extrapolation of both to 1M images, and the time of each clean pass. `--search-n N`
 times the candidate search and confirmation on N random-ish looks, phash only and with
 the windows; `--throughput-revs` times pass 1's `hash_batch` at those git revisions and in
@@ -488,7 +488,7 @@ class Chance:
 
 def chance_pairs(root: Path, distances: list[int], workers: int) -> tuple[int, list[Chance]]:
     """Candidates and confirmed pairs among the distinct images only (no planted copy)."""
-    from imatdata.clean import CleanConfig, dedup
+    from imatdata.clean import CleanConfig, close, dedup
     from imatdata.clean.checks import check_rows
 
     rows = check_rows(root / "raw", ["train", "val"], CleanConfig(workers=workers), None)
@@ -501,6 +501,8 @@ def chance_pairs(root: Path, distances: list[int], workers: int) -> tuple[int, l
         i, j, _ = dedup.confirmed_pairs(rows.phash[keep], rows.signature[keep], d, windows=rows.windows[keep],
                                         crop_signatures=rows.crop_signatures[keep], fine=rows.fine[keep],
                                         count=count)
+        agree = close.agree_pairs(root / "raw", rows, keep[i], keep[j])
+        i, j, count.confirmed = i[agree], j[agree], int(agree.sum())
         ci, cj, _ = dedup.near_pairs(rows.phash[keep], d)
         out.append(Chance(d, int(ci.size), count.candidates, count.confirmed, int((product[ci] & product[cj]).sum()),
                           int((product[i] & product[j]).sum())))

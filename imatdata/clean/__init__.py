@@ -44,7 +44,8 @@ other's hash, or their top or bottom halves are within half as many bits, see
 `dedup.confirmed_pairs`) *and* a second look confirms them: their signatures
 (luma 8x8 and chroma 4x4 thumbnails from the same decode) agree within what a re-encode,
 resize, small crop, brightness change or overlaid text leaves (`dedup.confirm_pairs`),
-and so do their fine hashes (the next octave of the phash's DCT, `dedup.fine_hashes`).
+and so do their fine hashes (the next octave of the phash's DCT, `dedup.fine_hashes`);
+then the two pictures, decoded again, agree pixel by pixel once aligned (`close`).
 A group is one representative (the largest original) and the rows exact or confirmed
 against it, never a chain of neighbours, within and across classes and splits, restricted
 to rows that passed checks 1-4 (test rows take part whenever they could be hashed, flagged
@@ -53,7 +54,8 @@ checks 5-8 are all off. A group is resolved per split for checks 7-8.
 
 The work is split by concern: `config` (the knobs), `checks` (pass 1: checks 1-4, the
 perceptual hash, the signature and the fine hashes, in a process pool), `dedup` (the
-near-duplicate index, the second and third looks, star groups), `resolve` (passes
+near-duplicate index, the second and third looks, star groups), `close` (the fourth look,
+on the few confirmed pairs' rows read again), `resolve` (passes
 2 and 3: checks 5-8, then the new clean/ built beside the old one and swapped in whole),
 `rows` (what passes 1-3 share), `report` (figures, table, progress bars).
 """
@@ -158,7 +160,7 @@ def _clean_locked(root: Path, raw: Path, splits: list[str], cfg: CleanConfig,
     t0 = time.perf_counter()
     rows = _pass1(raw, splits, cfg, progress)
     t1 = time.perf_counter()
-    links = resolve.find_links(rows, cfg)
+    links = resolve.find_links(raw, rows, cfg)
     resolve.resolve_groups(rows, links, cfg)
     noise = label_noise.mark(rows, suspects) if suspects is not None else None
     t2 = time.perf_counter()

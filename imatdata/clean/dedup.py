@@ -39,6 +39,7 @@ Grey objects on white pass the phash and the signatures more often than any othe
 different pictures: their chroma is neutral and a small object is a few cells of an 8x8 luma.
 So a confirmed candidate must also pass a third look, its *fine hashes* (`fine_hashes`: the
 next octave of phash's DCT, 192 bits, for the whole picture and for each crop window).
+What still passes at a million pictures, `close` decodes again for a fourth look.
 
 This module is pure numpy: no images, no files.
 """
@@ -670,7 +671,8 @@ def fine_agree(fine_a: np.ndarray, fine_b: np.ndarray) -> np.ndarray:
 
 @dataclass
 class PairCount:
-    """How many candidate pairs the search found and how many the second and third looks kept."""
+    """How many candidate pairs the search found and how many the looks kept (`confirmed_pairs`
+    counts those the second and third kept; `resolve` then leaves those the fourth kept)."""
 
     candidates: int = 0
     confirmed: int = 0

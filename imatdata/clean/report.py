@@ -36,7 +36,7 @@ class CleanResult:
     hashed: int = 0
     groups: int = 0
     candidate_pairs: int = 0  # phash neighbours (between distinct pictures) the search found
-    confirmed_pairs: int = 0  # of them, those the second and third looks confirmed
+    confirmed_pairs: int = 0  # of them, those every look confirmed
     hash_seconds: float = 0.0
     dedup_seconds: float = 0.0
     write_seconds: float = 0.0

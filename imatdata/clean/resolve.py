@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from imatdata import storage
-from imatdata.clean import dedup
+from imatdata.clean import close, dedup
 from imatdata.clean.config import CleanConfig
 from imatdata.clean.report import ProgressFn, SplitReport
 from imatdata.clean.rows import KEEP, REASON_NAMES, Rows, raw_batches
@@ -85,8 +85,9 @@ class Links:
         return x == y or (min(x, y), max(x, y)) in self.link_set
 
 
-def find_links(rows: Rows, cfg: CleanConfig) -> Links:
-    """Nodes, confirmed links and groups among the rows that passed checks 1-4."""
+def find_links(raw: Path, rows: Rows, cfg: CleanConfig) -> Links:
+    """Nodes, confirmed links and groups among the rows that passed checks 1-4 (`raw`: where
+    the close look reads the few rows it decodes again)."""
     if cfg.dedup == "off":
         return Links()
     is_test = np.zeros(len(rows.splits), bool)
@@ -105,6 +106,9 @@ def find_links(rows: Rows, cfg: CleanConfig) -> Links:
                                                     windows=rows.windows[lead],
                                                     crop_signatures=rows.crop_signatures[lead], fine=rows.fine[lead],
                                                     count=links.pairs)
+        agree = close.agree_pairs(raw, rows, lead[links.i], lead[links.j])
+        links.i, links.j = links.i[agree], links.j[agree]
+        links.pairs.confirmed = int(agree.sum())
         links.link_set = set(zip(links.i.tolist(), links.j.tolist()))
     # The representative is the node the keeper would come from: largest original, then
     # the larger body as served, then input order.
