@@ -374,7 +374,7 @@ def test_the_close_look_alone() -> None:
     assert close.close_agree(a, a.copy())
     w, h = a.size
     trimmed = a.crop((3, 2, w - 1, h))  # found only once aligned
-    whole = close._scores(close._view(trimmed, (0.0,) * 4)[None], close._view(a, (0.0,) * 4))[0]
+    whole = close._scores(close._view(trimmed, close.NO_TRIM)[None], close._Target(close._view(a, close.NO_TRIM)))[0]
     assert whole > close.CLOSE_LIMIT and close.close_agree(trimmed, a) and close.close_agree(a, trimmed)
     # A blank picture against another: every pixel counts, and white is not black.
     white, black = Image.new("RGB", (60, 60), "white"), Image.new("RGB", (60, 60), "black")
@@ -411,4 +411,12 @@ def test_close_look_reads_only_what_it_compares(tmp_path: Path, monkeypatch: pyt
     a, b = np.repeat(np.arange(n), n), np.tile(np.arange(n), n)
     same = np.array([rows[i]["id"][:-1] == rows[j]["id"][:-1] for i, j in zip(a, b)])
     monkeypatch.setattr(close, "ROUND_ROWS", 3)
+    decoded: list[int] = []
+    thumbnail = close.thumbnail
+    monkeypatch.setattr(close, "thumbnail", lambda data: decoded.append(1) or thumbnail(data))
+    assert np.array_equal(close.agree_pairs(tmp_path / "raw", table, a, b), same)
+    # Re-encodes whose fine hashes agree closely pass without being decoded; the rest is looked at.
+    sure = dedup.fine_bits(table.fine[a, 0], table.fine[b, 0]) <= close.SURE_FINE_BITS
+    assert same[sure].all() and sure.sum() > n and 0 < len(decoded) < 2 * (~sure).sum()
+    monkeypatch.setattr(close, "SURE_FINE_BITS", -1)
     assert np.array_equal(close.agree_pairs(tmp_path / "raw", table, a, b), same)

@@ -83,7 +83,7 @@ def phash_int64(img: Image.Image) -> int:
     return int.from_bytes(bits.tobytes(), "big", signed=True)
 
 
-def decode_for_hash(data: bytes) -> tuple[Image.Image, int, int]:
+def _decode_for_hash(data: bytes) -> tuple[Image.Image, int, int]:
     """Decode all of `data` (JPEG at reduced DCT scale); returns the image and its full size.
     A "possibly corrupt EXIF" or palette warning is not breakage (callers silence warnings);
     errors still raise."""
@@ -372,7 +372,7 @@ def _look_one(data: bytes) -> tuple[int, bytes, np.ndarray, np.ndarray, np.ndarr
     image (raises if it does not decode)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        img, _, _ = decode_for_hash(data)
+        img, _, _ = _decode_for_hash(data)
         look = _first_look(img)
     ph, sig, win, crop_sig, fine = _looks(*_batch_planes([look]))
     return int(ph[0]), sig[0].tobytes(), win[0], crop_sig[0], fine[0]
@@ -430,7 +430,7 @@ def hash_batch(images: Sequence[bytes | None], want_sha: Sequence[bool]) -> list
                 continue
             digest = hashlib.sha256(data).digest() if sha else None
             try:
-                img, width, height = decode_for_hash(data)
+                img, width, height = _decode_for_hash(data)
                 looks.append(_first_look(img))
             except Exception as exc:  # any decoder failure is the finding, not a crash
                 msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -25,6 +25,7 @@ groups that hold its rows.
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imatdata.clean.checks import decode_for_hash
+from imatdata.clean import dedup
 from imatdata.clean.rows import Rows
 from imatdata.manifest import read_row_group, row_groups
 
@@ -57,6 +58,11 @@ TRIMS = np.arange(7) * 0.01
 # 24,000 images at 96-160 and 256-512 px) score at most 5.1 (brightness), 7.6 (crop),
 # 6.3 (resize), 1.8 (re-encode); overlays at most 10.4, but for 2 of 667 at 17-19.
 CLOSE_LIMIT = 12.0
+# Pairs whose whole fine hashes are within this many of their 192 bits pass without the close
+# look: 67% of the planted copies' pairs that are not the same bytes (re-encodes, brightness
+# changes, many resizes and overlays, at 96-160 and 256-512 px), while the 337 pairs of
+# different pictures among a million (seed 2) are 18 bits apart or more.
+SURE_FINE_BITS = 8
 # Rows whose thumbnails are held at once (~27 KB each at most).
 ROUND_ROWS = 4096
 # Fewer object pixels than this: the pictures are blank alike; every pixel counts.
@@ -65,9 +71,13 @@ _MIN_OBJECT = 16
 
 def agree_pairs(raw: Path, rows: Rows, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Whether each pair of rows `(a[k], b[k])` (global indices into `rows`) passes the
-    close look. A row whose bytes no longer decode agrees with nothing."""
-    ok = np.zeros(a.size, bool)
-    for pairs in _rounds(a, b, ROUND_ROWS):
+    close look: pairs whose whole fine hashes are within SURE_FINE_BITS pass as they are,
+    the others are decoded again and compared. A row whose bytes no longer decode agrees
+    with nothing."""
+    ok = dedup.fine_bits(rows.fine[a, 0], rows.fine[b, 0]) <= SURE_FINE_BITS
+    look = np.flatnonzero(~ok)
+    for part in _rounds(a[look], b[look], ROUND_ROWS):
+        pairs = look[part]
         thumbs = dict(_thumbnails(raw, rows, np.unique(np.concatenate([a[pairs], b[pairs]]))))
         for k in pairs.tolist():
             ta, tb = thumbs.get(int(a[k])), thumbs.get(int(b[k]))
@@ -108,14 +118,17 @@ def _thumbnails(raw: Path, rows: Rows, wanted: np.ndarray) -> Iterator[tuple[int
 
 
 def thumbnail(data: bytes | None) -> Image.Image | None:
-    """The stored bytes decoded as pass 1 decodes them, in RGB, at most THUMB_SIDE a side;
-    None when they do not decode."""
+    """The stored bytes decoded in RGB (a JPEG at the smallest DCT scale that keeps both sides
+    at least CLOSE_SIDE), at most THUMB_SIDE a side; None when they do not decode."""
     if data is None:
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = decode_for_hash(data)[0].convert("RGB")
+            img = Image.open(io.BytesIO(data))
+            if img.format == "JPEG":
+                img.draft("RGB", (CLOSE_SIDE, CLOSE_SIDE))
+            img = img.convert("RGB")
             img.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR)
             return img
     except Exception:  # it decoded in pass 1; whatever fails now, no pair is confirmed on it
@@ -124,29 +137,39 @@ def thumbnail(data: bytes | None) -> Image.Image | None:
 
 def close_agree(a: Image.Image, b: Image.Image) -> bool:
     """Whether two thumbnails are one picture: whole, or once one of them is trimmed."""
-    whole_b = _view(b, (0.0, 0.0, 0.0, 0.0))
-    if _scores(_view(a, (0.0, 0.0, 0.0, 0.0))[None], whole_b)[0] <= CLOSE_LIMIT:
+    whole_a, whole_b = _Target(_view(a, NO_TRIM)), _Target(_view(b, NO_TRIM))
+    if _scores(whole_a.pixels[None], whole_b)[0] <= CLOSE_LIMIT:
         return True
-    return _aligned(a, whole_b) <= CLOSE_LIMIT or _aligned(b, _view(a, (0.0, 0.0, 0.0, 0.0))) <= CLOSE_LIMIT
+    return _aligned(a, whole_b) or _aligned(b, whole_a)
 
 
-def _aligned(img: Image.Image, other: np.ndarray) -> float:
-    """The best score of `img`'s trimmed views against the view `other`: each side's trim
-    chosen in turn, twice round."""
-    box = [0.0, 0.0, 0.0, 0.0]
+NO_TRIM = (0.0, 0.0, 0.0, 0.0)
+
+
+class _Target:
+    """A whole view that trimmed views are scored against, with what every score needs of it."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        self.pixels = pixels
+        self.grey = _channel_mean(pixels).reshape(1, -1)
+        self.object = _object(pixels[None]).reshape(1, -1)
+
+
+def _aligned(img: Image.Image, target: _Target) -> bool:
+    """Whether some trim of `img` scores within CLOSE_LIMIT against `target`: each side's
+    trim chosen in turn (the best of TRIMS, the other sides held), twice round."""
+    box = NO_TRIM
     best = float("inf")
     for _sweep in range(2):
         for side in range(4):
-            boxes = []
-            for t in TRIMS:
-                trial = list(box)
-                trial[side] = float(t)
-                boxes.append(trial)
-            scores = _scores(np.stack([_view(img, tuple(x)) for x in boxes]), other)
+            boxes = [box[:side] + (float(t),) + box[side + 1:] for t in TRIMS]
+            scores = _scores(np.stack([_view(img, x) for x in boxes]), target)
             k = int(np.argmin(scores))
+            if scores[k] <= CLOSE_LIMIT:
+                return True
             if scores[k] < best:
                 best, box = float(scores[k]), boxes[k]
-    return best
+    return False
 
 
 def _view(img: Image.Image, trim: tuple[float, ...]) -> np.ndarray:
@@ -161,28 +184,34 @@ def _view(img: Image.Image, trim: tuple[float, ...]) -> np.ndarray:
 def _object(views: np.ndarray) -> np.ndarray:
     """Per view (m, S, S, 3), its object's pixels (m, S, S): not within OBJECT_DELTA of the
     median colour of its border."""
-    border = np.concatenate([views[:, 0], views[:, -1], views[:, :, 0], views[:, :, -1]], axis=1)
-    background = np.median(border, axis=1)
-    return (np.abs(views - background[:, None, None, :]).max(axis=-1) > OBJECT_DELTA)
+    border = np.concatenate([views[:, 0], views[:, -1], views[:, 1:-1, 0], views[:, 1:-1, -1]], axis=1)
+    mid = border.shape[1] // 2
+    background = np.partition(border, mid, axis=1)[:, mid]
+    far = np.abs(views - background[:, None, None, :]) > OBJECT_DELTA
+    return far[..., 0] | far[..., 1] | far[..., 2]
 
 
-def _scores(views: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """Each view's score against `other`: the mean absolute difference (0-255, averaged over
+def _channel_mean(pixels: np.ndarray) -> np.ndarray:
+    """The mean over the last axis of (..., 3), as three adds (numpy's reduction over a
+    short last axis is several times slower)."""
+    return (pixels[..., 0] + pixels[..., 1] + pixels[..., 2]) / 3
+
+
+def _scores(views: np.ndarray, target: _Target) -> np.ndarray:
+    """Each view's score against `target`: the mean absolute difference (0-255, averaged over
     the channels) of the best KEEP_SHARE of the object pixels of either, after the gain that
-    best maps `other`'s brightness onto the view's."""
+    best maps the target's brightness onto the view's."""
     m = views.shape[0]
-    fg = _object(views) | _object(other[None])
-    few = fg.reshape(m, -1).sum(axis=1) < _MIN_OBJECT
-    fg[few] = True
-    ga, gb = views.mean(axis=-1), other.mean(axis=-1)[None]
+    fg = _object(views).reshape(m, -1) | target.object
+    fg[fg.sum(axis=1) < _MIN_OBJECT] = True
+    ga, gb = _channel_mean(views).reshape(m, -1), target.grey
     fit = fg & (ga < 250) & (gb < 250) & (gb > 8)
-    num = np.where(fit, ga * gb, 0).reshape(m, -1).sum(axis=1)
-    den = np.where(fit, gb * gb, 0).reshape(m, -1).sum(axis=1)
-    gain = np.where(den > 0, num / np.maximum(den, 1e-6), 1.0)
-    gain = np.clip(gain, *GAIN_RANGE).astype(np.float32)
-    diff = np.abs(views - np.minimum(255, gain[:, None, None, None] * other[None])).mean(axis=-1)
-    diff = np.sort(np.where(fg, diff, np.inf).reshape(m, -1), axis=1)
-    count = fg.reshape(m, -1).sum(axis=1)
-    keep = np.maximum(1, (KEEP_SHARE * count).astype(np.int64))
-    sums = np.cumsum(np.where(np.isfinite(diff), diff, 0), axis=1)
+    num, den = (fit * (ga * gb)).sum(axis=1), (fit * (gb * gb)).sum(axis=1)
+    gain = np.clip(np.where(den > 0, num / np.maximum(den, 1e-6), 1.0), *GAIN_RANGE).astype(np.float32)
+    diff = _channel_mean(np.abs(views - np.minimum(255, gain[:, None, None, None] * target.pixels[None])))
+    diff = diff.reshape(m, -1)
+    diff[~fg] = np.inf
+    diff.sort(axis=1)
+    keep = np.maximum(1, (KEEP_SHARE * fg.sum(axis=1)).astype(np.int64))
+    sums = np.cumsum(diff[:, :int(keep.max())], axis=1)
     return sums[np.arange(m), keep - 1] / keep

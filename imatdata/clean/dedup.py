@@ -664,9 +664,14 @@ def fine_hashes(y32: np.ndarray) -> np.ndarray:
     return np.packbits(band > median[..., None], axis=2)
 
 
+def fine_bits(fine_a: np.ndarray, fine_b: np.ndarray) -> np.ndarray:
+    """How many bits apart the rows of two (k, FINE_BYTES) arrays of fine hashes are."""
+    return np.unpackbits(np.bitwise_xor(fine_a, fine_b), axis=-1).sum(axis=-1, dtype=np.int64)
+
+
 def fine_agree(fine_a: np.ndarray, fine_b: np.ndarray) -> np.ndarray:
     """Which rows of two (k, FINE_BYTES) arrays of fine hashes are within FINE_MAX_BITS."""
-    return np.unpackbits(np.bitwise_xor(fine_a, fine_b), axis=-1).sum(axis=-1) <= FINE_MAX_BITS
+    return fine_bits(fine_a, fine_b) <= FINE_MAX_BITS
 
 
 @dataclass
