@@ -751,7 +751,7 @@ def main() -> int:
               f"a quarter photographs) + "
               f"{sum(planted.values()):,} planted copies ({leaks} of them of a val image: leaks), "
               + (f"reused from {work}" if args.reuse else f"built in {time.perf_counter() - t0:.0f} s")
-              + f"; longer sides {lo_side}-{hi_side} px")
+              + ("" if args.reuse else f"; longer sides {lo_side}-{hi_side} px"))
         for d in distances:
             cfg = clean_mod.CleanConfig(hash_distance=d, workers=args.workers)
             t1 = time.perf_counter()

@@ -7,16 +7,18 @@ shots on white pass all three: the same plain shape, of the same size and place,
 a pattern, a sticker, a shadow or a background tint that those summaries cannot see. Looked at
 as 48x48 colour pixels the difference is plain. Keeping such thumbnails for every row would be
 ~7 KB a row (7 GB at a million), ten times all the rest, so only the confirmed pairs' rows are
-read again: a few hundred of a million on bench/dedup.py's corpus (the decode costs ~1 ms a
-row; pass 1 made ~1,000,000 of them).
+read again: a few hundred of a million on bench/dedup.py's corpus, at ~0.2 ms a decode (a
+JPEG at reduced DCT scale). Pairs whose whole fine hashes agree within SURE_FINE_BITS (most
+re-encodes, brightness changes and resizes) are not looked at: no two different pictures
+came that close at a million.
 
 `close_agree` compares two thumbnails on the pixels that belong to either picture's object
 (further than OBJECT_DELTA from the median of its border, i.e. not background), after fitting
 one brightness gain (within GAIN_RANGE) to them: the mean absolute difference of the best 90%
 of those pixels (a line of overlaid text is the rest) must be at most CLOSE_LIMIT. A crop moves
-every pixel, so when the whole pictures do not agree, one picture's view is trimmed by up to
-MAX_TRIM of its width or height on each side, each side in turn (two sweeps), and compared
-with the other's whole; the best alignment either way round counts.
+every pixel, so when the whole pictures do not agree, one picture's view is trimmed on each
+side in turn by the best of TRIMS (twice round) and compared with the other's whole, either
+way round; any alignment within the limit confirms the pair.
 
 Memory stays bounded whatever the number of pairs: pairs are handled in rounds whose rows'
 thumbnails (at most THUMB_SIDE px a side) fit ROUND_ROWS, and each round reads only the row
@@ -53,10 +55,11 @@ KEEP_SHARE = 0.9
 TRIMS = np.arange(7) * 0.01
 # The most a pair's aligned object pixels may differ (mean absolute, 0-255). Fitted on
 # bench/dedup.py's corpora: the 337 pairs of different pictures that passed the first three
-# looks among 1,000,000 (seed 2, 96-160 px) score 4.0 at the 1st percentile, 11.7 at the
-# 10th and 16.1 at the 20th; 12 keeps 36 of them. Planted copies (seeds 1 and 3, 6,000 and
-# 24,000 images at 96-160 and 256-512 px) score at most 5.1 (brightness), 7.6 (crop),
-# 6.3 (resize), 1.8 (re-encode); overlays at most 10.4, but for 2 of 667 at 17-19.
+# looks among 1,000,000 (seed 2, 96-160 px) score 3.7 at the 1st percentile, 11.8 at the
+# 10th and 15.9 at the 20th; 12 keeps 36 of them. Planted copies (seed 1: 6,000 images at
+# 96-160 and at 256-512 px; seed 3: 24,000 at 256-512 px) score at most 4.8 (brightness),
+# 9.4 (crop), 11.1 (resize, at 96-160 px), 6.6 (re-encode); overlays at most 10.0, but for
+# 2 of 667 at 17-18.
 CLOSE_LIMIT = 12.0
 # Pairs whose whole fine hashes are within this many of their 192 bits pass without the close
 # look: 67% of the planted copies' pairs that are not the same bytes (re-encodes, brightness
