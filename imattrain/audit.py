@@ -12,7 +12,8 @@ Out-of-fold probabilities, then a ranking (Northcutt et al., "Confident learning
 
    * `cl` (confident learning, the default): per-class thresholds t_j = the mean p_j over
      rows labelled j; a row labelled i counts in the confident joint at (i, j) for the most
-     probable j with p_j >= t_j; each row of the joint is calibrated to class i's count, and
+     probable j with p_j >= t_j; each row of the joint is calibrated to class i's count (in
+     whole numbers that keep that total, as cleanlab's), and
      for every j != i that many of class i's rows with the highest p_j - p_i are flagged
      ("prune by noise rate", cleanlab's default), keeping those another class wins; ranked
      by self-confidence;
@@ -124,6 +125,17 @@ def confident_joint(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
     return joint, thresholds
 
 
+def _whole_counts(shares: np.ndarray, total: int) -> np.ndarray:
+    """`shares` (summing to `total`) as whole numbers that still sum to `total`: each rounded
+    down, then one more for the largest remainders (rounding each on its own flagged up to 4
+    rows of 10,000 more or fewer than cleanlab, which keeps the row totals too)."""
+    whole = np.floor(shares + 1e-9).astype(np.int64)
+    short = total - int(whole.sum())
+    if short > 0:
+        whole[np.argsort(-(shares - whole), kind="stable")[:short]] += 1
+    return whole
+
+
 def rank_suspects(probs: np.ndarray, labels: np.ndarray, method: str) -> Ranking:
     """Score and flag every row of out-of-fold `probs` (N, C) against the `labels` given."""
     if method not in AUDIT_METHODS:
@@ -145,10 +157,10 @@ def rank_suspects(probs: np.ndarray, labels: np.ndarray, method: str) -> Ranking
     flagged = np.zeros(len(labels), dtype=bool)
     for i in np.flatnonzero(joint.sum(axis=1)):
         # Class i's row of the joint scaled to its size: how many of its rows belong to j.
-        calibrated = joint[i] / joint[i].sum() * counts[i]
+        calibrated = _whole_counts(joint[i] / joint[i].sum() * counts[i], int(counts[i]))
         members = np.flatnonzero(labels == i)
         for j in np.flatnonzero(np.arange(len(calibrated)) != i):
-            n = int(round(calibrated[j]))
+            n = int(calibrated[j])
             if n > 0:
                 towards = probs[members, j] - probs[members, i]
                 flagged[members[np.argsort(-towards, kind="stable")[:n]]] = True

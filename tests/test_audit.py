@@ -27,6 +27,7 @@ from imatdata.manifest import RAW_SCHEMA, read_table
 from imatdata.tree import ProductTree
 from imattrain.audit import (
     SUSPECT_COLUMNS,
+    _whole_counts,
     assign_folds,
     confident_joint,
     rank_suspects,
@@ -110,6 +111,18 @@ def test_confident_joint_counts_and_thresholds() -> None:
     assert joint.tolist() == [[1, 0], [1, 2]]
     cl = rank_suspects(probs, labels, "cl")
     assert np.flatnonzero(cl.flagged).tolist() == [4] and cl.suggested[4] == 0
+
+
+def test_calibrated_counts_keep_each_class_total() -> None:
+    # Rounded one by one, [2.5, 0.5, 0.5, 0.5] makes 2, not 4: cleanlab keeps the row totals.
+    assert _whole_counts(np.array([2.5, 0.5, 0.5, 0.5]), 4).tolist() == [3, 1, 0, 0]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        total = int(rng.integers(1, 1000))
+        shares = rng.dirichlet(np.ones(int(rng.integers(2, 12)))) * total
+        whole = _whole_counts(shares, total)
+        assert whole.sum() == total
+        assert np.all((whole == np.floor(shares)) | (whole == np.ceil(shares)))
 
 
 def test_folds_are_stratified_seeded_and_skip_unusable_rows() -> None:
