@@ -182,13 +182,15 @@ def _watch(ray: Any, refs: dict[Any, int], board: Any, progress: Progress) -> li
 
 
 def _stop(ray: Any, refs: list[Any], board: Any) -> None:
-    """Ask every task to stop (each flushes its journal), then cancel what still runs."""
+    """Ask every task to stop (each flushes its journal), then cancel what still runs. Only
+    what still runs: Ray's driver aborts when a task it cancelled reports back as finished."""
+    running = refs
     try:
         ray.get(board.stop.remote(), timeout=5)
-        ray.wait(refs, num_returns=len(refs), timeout=_STOP_GRACE_S)
+        _, running = ray.wait(refs, num_returns=len(refs), timeout=_STOP_GRACE_S)
     except Exception:
         pass  # the cluster is going away too: cancel what can be
-    for ref in refs:
+    for ref in running:
         try:
             ray.cancel(ref, force=True)
         except Exception:
