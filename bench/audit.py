@@ -198,6 +198,8 @@ def score_rankings(oof_path: Path, flipped: set[str], work: Path,
 def train_flags(args: argparse.Namespace, seed: int = 0, workers: int | None = None) -> list[str]:
     flags = ["--model", args.model, "--image-size", str(args.image_size), "--epochs",
              str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed), "--quiet"]
+    if args.lr is not None:
+        flags += ["--lr", str(args.lr)]
     workers = args.workers if workers is None else workers
     if workers is not None:
         flags += ["--workers", str(workers)]
@@ -565,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--image-size", type=int, default=32)
         q.add_argument("--epochs", type=int, default=8)
         q.add_argument("--batch-size", type=int, default=64)
+        q.add_argument("--lr", type=float, default=None, help="every training's --lr (default: imattrain's)")
         q.add_argument("--workers", type=int, default=None,
                        help="loader workers of every training (default: imattrain's)")
         q.add_argument("--no-clean", dest="direct", action="store_true",
