@@ -34,7 +34,7 @@ setting (`--kinds` x `--rates`) the bench
    training run" of the wall-time target.
 
 Every training uses the same flags (`--model`, `--image-size`, `--epochs`, `--batch-size`,
-`--workers`). Results go to stdout and to WORK/results.json (saved after the audit and after
+`--lr`, `--workers`, and any `--train-args`, e.g. `--train-args '--augment none'`). Results go to stdout and to WORK/results.json (saved after the audit and after
 every run, so a run cut off keeps what it finished), the runs to WORK/SETTING/retrain.json.
 
     .venv/bin/python bench/audit.py rescore --data /tmp/imat-audit/clean   # score again, no training
@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -200,6 +201,7 @@ def train_flags(args: argparse.Namespace, seed: int = 0, workers: int | None = N
              str(args.epochs), "--batch-size", str(args.batch_size), "--seed", str(seed), "--quiet"]
     if args.lr is not None:
         flags += ["--lr", str(args.lr)]
+    flags += shlex.split(args.train_args)
     workers = args.workers if workers is None else workers
     if workers is not None:
         flags += ["--workers", str(workers)]
@@ -568,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--epochs", type=int, default=8)
         q.add_argument("--batch-size", type=int, default=64)
         q.add_argument("--lr", type=float, default=None, help="every training's --lr (default: imattrain's)")
+        q.add_argument("--train-args", default="",
+                       help="more `imattrain run` flags for every training, e.g. '--augment none "
+                            "--label-smoothing 0' (a recipe that fits the flips)")
         q.add_argument("--workers", type=int, default=None,
                        help="loader workers of every training (default: imattrain's)")
         q.add_argument("--no-clean", dest="direct", action="store_true",

@@ -480,6 +480,14 @@ def test_bench_recovery_uses_the_mean_over_seeds_and_subset_round_trips(tmp_path
     assert bench._variant("oracle") == ("oracle", None)
     with pytest.raises(SystemExit):
         bench._variant("oracle@0.5")
+    # Every training gets the same flags, --train-args split as a shell would.
+    import argparse
+
+    ns = argparse.Namespace(model="resnet18", image_size=32, epochs=3, batch_size=8, lr=0.05,
+                            train_args="--augment none --label-smoothing 0", workers=None)
+    flags = bench.train_flags(ns, seed=2)
+    assert flags[-6:] == ["--lr", "0.05", "--augment", "none", "--label-smoothing", "0"]
+    assert flags[flags.index("--seed") + 1] == "2" and "--workers" not in flags
 
     # A Fashion-MNIST-shaped source (idx files), and the subset prepare reads back.
     g = np.random.default_rng(0)
