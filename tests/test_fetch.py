@@ -340,11 +340,14 @@ def spawn_fetch(src: Path, root: Path, **options: object) -> subprocess.Popen[by
     concurrency = options.pop("concurrency", 4)
     settings = "".join(f", {k}={v!r}" for k, v in options.items())
     code = (
-        "import sys\n"
+        "import signal, sys\n"
         "from imatdata.fetch import FetchOptions, run_fetch\n"
         "from imatdata.fetch.download import NetConfig\n"
         "from imatdata.errors import UserError\n"
         "if __name__ == '__main__':\n"
+        # Ctrl-C as in a terminal, even when the tests run in the background (`make test &`
+        # starts them with SIGINT ignored, and a child inherits that).
+        "    signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "    try:\n"
         f"        run_fetch(FetchOptions([{str(src)!r}], root={str(root)!r}, quiet=True, stats=False{settings},"
         f" net=NetConfig(concurrency={concurrency}, allow_nets=('127.0.0.0/8',))))\n"
